@@ -1,0 +1,185 @@
+"""The ``scratchlm`` command: a table of subcommands, each a function of its arguments.
+
+``fit`` is Lightning's CLI over :class:`PretrainModule` and :class:`TextDataModule` (flags come
+from their signatures: ``--model.*``, ``--data.*``, ``--trainer.*``); the others are small
+argparse programs. Problems with the user's input end with one line on stderr and exit code 2.
+"""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+import sys
+from typing import Literal
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from scratchlm.data import TextDataModule
+from scratchlm.errors import ScratchLMError
+from scratchlm.export import verify_export
+from scratchlm.tokenizer import train_tokenizer
+from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
+
+PARITY_TOLERANCE = 1e-4
+"""Largest |logit difference| between our model and the exported HF model that ``--verify`` accepts."""
+
+
+# --- fit ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerSpec:
+    """The tokenizer ``fit`` trains on the corpus when ``--data.tokenizer`` is not given."""
+
+    kind: Literal["bpe", "wordpiece", "unigram"] | None = None
+    """Tokenizer model; the family's default (wordpiece for bert, byte-level bpe for gpt2) when unset."""
+    vocab_size: int = 8192
+    """Vocabulary size, special tokens included."""
+
+
+class FitCLI(LightningCLI):
+    """Lightning's CLI with scratchlm's run layout: everything under ``trainer.default_root_dir``
+    (tokenizer/, checkpoints/, logs/, hf/), and an export when training ends."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(TokenizerSpec, "tokenizer")
+        parser.link_arguments("data.tokenizer", "model.tokenizer")
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": "runs/scratchlm",
+                "trainer.max_steps": 1000,
+                "trainer.val_check_interval": 250,
+                "trainer.check_val_every_n_epoch": None,
+                "trainer.log_every_n_steps": 10,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Train a tokenizer into the run when none is given, before the modules that need it."""
+        config = self.config[self.subcommand]
+        if config.data.tokenizer is not None:
+            return
+        out = Path(config.trainer.default_root_dir) / "tokenizer"
+        if not (out / "tokenizer.json").is_file():
+            spec = config.tokenizer
+            train_tokenizer(
+                config.data.paths,
+                out,
+                kind=spec.kind,
+                vocab_size=spec.vocab_size,
+                family=config.model.family,
+                text_field=config.data.text_field,
+            )
+        config.data.tokenizer = config.model.tokenizer = str(out)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand]["trainer"]
+        root = Path(config["default_root_dir"])
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="logs")]
+        every = config.get("val_check_interval") if isinstance(config.get("val_check_interval"), int) else None
+        kwargs["callbacks"] = [
+            *(config.get("callbacks") or []),
+            TokenThroughput(),
+            LearningRateMonitor(logging_interval="step"),
+            ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=every),
+        ]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Export the final weights to ``<run dir>/hf`` and print that path as the last line."""
+        if not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        out = Path(self.trainer.default_root_dir) / "hf"
+        path = TrainedModel.from_module(self.model).export(out, overwrite=True)
+        print(path.resolve(), flush=True)
+
+
+def fit(argv: list[str]) -> None:
+    FitCLI(
+        PretrainModule,
+        TextDataModule,
+        args=["fit", *argv],
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "scratchlm"},
+    )
+
+
+# --- tokenizer train ---------------------------------------------------------------------------
+
+
+def tokenizer(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="scratchlm tokenizer", description="Tokenizers for scratchlm.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train a tokenizer on a corpus, streaming it")
+    train.add_argument("--data", nargs="+", default=None, help="files, folders or globs (default: the built-in corpus)")
+    train.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], default=None, help="default: the family's")
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--family", default="gpt2", help="whose special tokens to add (bert, gpt2)")
+    train.add_argument("--text-field", default="text", help="field of JSONL/parquet records holding the text")
+    train.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
+    train.add_argument("--out", required=True, help="folder to write; loads with AutoTokenizer.from_pretrained")
+    args = parser.parse_args(argv)
+    out = train_tokenizer(
+        args.data,
+        args.out,
+        kind=args.kind,
+        vocab_size=args.vocab_size,
+        family=args.family,
+        text_field=args.text_field,
+        model_max_length=args.max_length,
+    )
+    print(Path(out).resolve())
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def export(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="scratchlm export", description="Export a scratchlm checkpoint to a Hugging Face folder."
+    )
+    parser.add_argument("checkpoint", help="a .ckpt written by scratchlm fit")
+    parser.add_argument("out_dir", help="folder to write")
+    parser.add_argument("--verify", action="store_true", help=f"compare logits with transformers; fail above {PARITY_TOLERANCE}")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    args = parser.parse_args(argv)
+    trained = TrainedModel.from_checkpoint(args.checkpoint)
+    path = trained.export(args.out_dir, overwrite=args.overwrite)
+    if args.verify:
+        diff = max(
+            verify_export(trained.model, trained.family, path, attn_implementation=impl)
+            for impl in ("sdpa", "eager")
+        )
+        print(f"max_abs_diff={diff:.3e}")
+        if not diff <= PARITY_TOLERANCE:
+            raise ScratchLMError(
+                f"export {path} does not reproduce the model: max_abs_diff={diff:.3e} > {PARITY_TOLERANCE}"
+            )
+    print(path.resolve())
+
+
+COMMANDS = {"fit": fit, "tokenizer": tokenizer, "export": export}
+
+
+def user_message(error: ScratchLMError) -> str:
+    """The one-line message of a user error, also when a DataLoader worker raised it: PyTorch
+    re-raises worker errors with the worker's traceback folded into the message."""
+    text = str(error)
+    marker = "ScratchLMError: "
+    return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: scratchlm {{{names}}} ...  (scratchlm <command> --help for each)", file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except ScratchLMError as error:
+        print(f"scratchlm: error: {user_message(error)}", file=sys.stderr)
+        sys.exit(2)

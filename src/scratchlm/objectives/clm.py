@@ -1,0 +1,43 @@
+"""Causal language modelling: predict token t+1 from tokens up to t."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.objectives.batch import IGNORE_INDEX, stack_blocks
+
+
+class CausalLM:
+    """Next-token loss over packed blocks.
+
+    The end-of-text token that closes each document is a target like any other (a model must
+    learn when to stop); padding never is. Labels are the inputs shifted left by one, so the last
+    position of a block has no target: its successor starts the next block.
+    """
+
+    name = "clm"
+
+    def __init__(self, tokenizer_info) -> None:
+        self.pad_id = tokenizer_info.pad_id
+
+    def collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        batch = stack_blocks(blocks)
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        labels[:, :-1] = batch["input_ids"][:, 1:]
+        target_is_pad = ~batch["attention_mask"][:, 1:]
+        labels[:, :-1][target_is_pad] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    eval_collate = collate  # nothing random to fix
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        hidden_BTD = model(batch["input_ids"], batch["attention_mask"])
+        logits_BTV = model.logits(hidden_BTD)
+        loss = F.cross_entropy(
+            logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
+        )
+        return loss, {}

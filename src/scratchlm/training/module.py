@@ -1,0 +1,176 @@
+"""The LightningModule: a model and an objective, composed. It has no layers of its own."""
+
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.models import FAMILIES, build_config, build_model
+from scratchlm.objectives import OBJECTIVES, MaskedLM, MaskingConfig
+from scratchlm.tokenizer import TokenizerInfo
+from scratchlm.training.optim import OptimConfig, build_optimizer
+
+CHECKPOINT_KEY = "scratchlm"
+"""Where our own record lives inside a Lightning checkpoint (see ``on_save_checkpoint``)."""
+
+
+class PretrainModule(L.LightningModule):
+    """Pre-trains one model family with one objective."""
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        family: str = "gpt2",
+        size: str = "tiny",
+        arch: dict[str, Any] | None = None,
+        objective: Literal["mlm", "clm"] | None = None,
+        masking: MaskingConfig | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Trained tokenizer folder (from ``scratchlm tokenizer train``); the model's
+                vocabulary size and special tokens come from it.
+            family: Model family: bert or gpt2.
+            size: Preset of the family: tiny, small or base.
+            arch: Overrides of preset fields, e.g. ``{n_layers: 2, d_model: 64}``.
+            objective: mlm or clm; the family's default when unset.
+            masking: MLM masking rates (mlm only).
+            optim: AdamW and learning-rate schedule.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if tokenizer is None:
+            raise ScratchLMError("no tokenizer: pass --data.tokenizer DIR (from scratchlm tokenizer train)")
+        if family not in FAMILIES:
+            raise ScratchLMError(f"model.family={family!r}: unknown; choose one of {sorted(FAMILIES)}")
+        self.tokenizer_info = TokenizerInfo.load(tokenizer)
+        self.family = family
+        config = build_config(family, size, vocab_size=self.tokenizer_info.vocab_size, **(arch or {}))
+        self.model = build_model(family, config)
+        self.objective = self._build_objective(objective or FAMILIES[family].objective, masking)
+        self.optim = optim or OptimConfig()
+        self.tokens_seen = 0
+        self._val_sum = self._val_count = None
+
+    def _build_objective(self, name: str, masking: MaskingConfig | None):
+        if name not in OBJECTIVES:
+            raise ScratchLMError(f"model.objective={name!r}: unknown; choose one of {sorted(OBJECTIVES)}")
+        if name == "mlm":
+            return MaskedLM(self.tokenizer_info, masking)
+        if FAMILIES[self.family].causal is False:
+            raise ScratchLMError(
+                f"model.objective=clm needs a causal family; {self.family!r} is an encoder (use mlm)"
+            )
+        return OBJECTIVES[name](self.tokenizer_info)
+
+    # --- wiring to the data ------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Hand the objective's corruption to the data module, so it runs in the loader workers,
+        and check that the data fits the model."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        datamodule.collate_fn = self.objective.collate
+        datamodule.eval_collate_fn = self.objective.eval_collate
+        max_positions = self.model.config.max_positions
+        if datamodule.block_size > max_positions:
+            raise ScratchLMError(
+                f"data.block_size={datamodule.block_size} exceeds the model's {max_positions} "
+                f"positions; lower data.block_size or raise model.arch.max_positions"
+            )
+        data_vocab = datamodule.tokenizer_info.vocab_size
+        if data_vocab != self.tokenizer_info.vocab_size:
+            raise ScratchLMError(
+                f"data.tokenizer ({datamodule.tokenizer_info.path}, {data_vocab} tokens) differs from "
+                f"model.tokenizer ({self.tokenizer_info.path}, {self.tokenizer_info.vocab_size} tokens); "
+                "use one tokenizer for both"
+            )
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.objective.loss(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # A Python int, counted from shapes: no device synchronisation.
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device)
+        self._val_count = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self.objective.loss(self.model, batch)
+        targets = (batch["labels"] != -100).sum()
+        self._val_sum += loss.detach() * targets
+        self._val_count += targets
+
+    def on_validation_epoch_end(self) -> None:
+        """Held-out loss weighted by target tokens (not by batches), and its perplexity."""
+        total = self.all_gather(torch.stack([self._val_sum, self._val_count]))
+        total = total.reshape(-1, 2).sum(0)
+        val_loss = total[0] / total[1].clamp(min=1)
+        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+
+    def configure_optimizers(self):
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise ScratchLMError(
+                "trainer.max_steps is not set: the training stream repeats the corpus, so the run "
+                "length is counted in steps; pass --trainer.max_steps N"
+            )
+        return build_optimizer(self.model, self.optim, total_steps)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.record()
+
+    def record(self) -> dict[str, Any]:
+        """Everything beyond the weights that the exporter needs: with it, a checkpoint is
+        self-contained, and needs neither the tokenizer folder nor the recipe to be exported."""
+        datamodule = self.trainer.datamodule if self._trainer else None
+        return {
+            "family": self.family,
+            "config": asdict(self.model.config),
+            "objective": self.objective.name,
+            "tokenizer_files": self.tokenizer_info.files(),
+            "special_ids": self.special_ids(),
+            "tokens_seen": self.tokens_seen,
+            "steps": self.global_step,
+            "corpus": datamodule.describe() if hasattr(datamodule, "describe") else None,
+            "metrics": self.latest_metrics(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(CHECKPOINT_KEY)
+        if record is None:
+            raise ScratchLMError("checkpoint holds no scratchlm record; was it written by scratchlm fit?")
+        if record["family"] != self.family:
+            raise ScratchLMError(
+                f"checkpoint is a {record['family']!r} model but model.family={self.family!r}"
+            )
+        self.tokens_seen = record["tokens_seen"]
+
+    def special_ids(self) -> dict[str, int | None]:
+        info = self.tokenizer_info
+        return {
+            "pad": info.pad_id, "eos": info.eos_id, "bos": info.bos_id, "mask": info.mask_id,
+            "cls": info.cls_id, "sep": info.sep_id, "unk": info.unk_id,
+        }
+
+    def latest_metrics(self) -> dict[str, float]:
+        """The last logged losses, as plain floats, for the model card."""
+        if not self._trainer:
+            return {}
+        metrics = self.trainer.callback_metrics
+        return {k: float(v) for k, v in metrics.items() if k in ("train/loss", "val/loss", "val/ppl")}
