@@ -9,9 +9,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 import sys
+import warnings
 from typing import Literal
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -70,6 +71,7 @@ class FitCLI(LightningCLI):
                 vocab_size=spec.vocab_size,
                 family=config.model.family,
                 text_field=config.data.text_field,
+                errors=config.data.errors,
             )
         config.data.tokenizer = config.model.tokenizer = str(out)
 
@@ -82,7 +84,6 @@ class FitCLI(LightningCLI):
         kwargs["callbacks"] = [
             *(config.get("callbacks") or []),
             TokenThroughput(),
-            LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=every),
         ]
         return super().instantiate_trainer(**kwargs)
@@ -97,11 +98,15 @@ class FitCLI(LightningCLI):
 
 
 def fit(argv: list[str]) -> None:
+    # We pass ``args`` on purpose (the subcommand table consumed argv[0]) and keep sys.argv intact:
+    # Lightning's DDP launcher re-runs it for the other ranks.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     FitCLI(
         PretrainModule,
         TextDataModule,
         args=["fit", *argv],
         seed_everything_default=0,
+        auto_configure_optimizers=False,  # the module's own AdamW groups and schedules
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "scratchlm"},
     )

@@ -11,11 +11,11 @@ Every objective has the same two-part contract:
   positions that count, plus detached metrics to log.
 """
 
-from scratchlm.objectives.batch import IGNORE_INDEX, stack_blocks
+from scratchlm.objectives.batch import IGNORE_INDEX
 from scratchlm.objectives.clm import CausalLM
 from scratchlm.objectives.mlm import MaskedLM, MaskingConfig
 
 OBJECTIVES = {"mlm": MaskedLM, "clm": CausalLM}
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "MaskedLM", "MaskingConfig", "stack_blocks"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "MaskedLM", "MaskingConfig"]
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchlm.objectives.batch import IGNORE_INDEX, stack_blocks
+from scratchlm.data import collate_blocks
+from scratchlm.objectives.batch import IGNORE_INDEX
 
 
 class CausalLM:
@@ -24,7 +25,7 @@ class CausalLM:
         self.pad_id = tokenizer_info.pad_id
 
     def collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        batch = stack_blocks(blocks)
+        batch = collate_blocks(blocks)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         labels[:, :-1] = batch["input_ids"][:, 1:]
         target_is_pad = ~batch["attention_mask"][:, 1:]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, stack_blocks
+from scratchlm.data import collate_blocks
+from scratchlm.objectives.batch import IGNORE_INDEX, content_generator
 
 
 @dataclass
@@ -63,10 +64,10 @@ class MaskedLM:
         """Token ids a random replacement may draw: never a special token."""
 
     def collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return self.corrupt(stack_blocks(blocks), generator=None)
+        return self.corrupt(collate_blocks(blocks), generator=None)
 
     def eval_collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        batch = stack_blocks(blocks)
+        batch = collate_blocks(blocks)
         return self.corrupt(batch, generator=content_generator(batch["input_ids"]))
 
     def corrupt(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:

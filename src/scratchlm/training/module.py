@@ -95,6 +95,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.objective.loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in metrics.items():
             self.log(f"train/{name}", value)
         return loss

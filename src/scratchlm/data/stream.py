@@ -1,0 +1,219 @@
+"""The streaming dataset: documents -> this shard's share -> token ids (in the worker) -> packed blocks.
+
+Every (rank, DataLoader worker) pair is one *shard*. All shards read the same document stream;
+shard ``s`` of ``S`` keeps the documents of its split whose index in that split is ``s`` modulo
+``S``, so each document is tokenized by exactly one shard, none is skipped, and the assignment is
+the same on every run and machine. Tokenization runs inside ``__iter__``, so in the DataLoader
+workers, in batches.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
+import hashlib
+import itertools
+import os
+from typing import Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+from torch.utils.data import IterableDataset, get_worker_info
+
+from scratchlm.data.packing import Block, Packer
+from scratchlm.data.sources import Document, Errors, Source, iter_documents
+from scratchlm.tokenizer import TokenizerInfo
+
+Split = Literal["train", "val", "all"]
+
+
+def validation_score(text: str) -> float:
+    """A number in [0, 1) fixed by the text alone: documents scoring below ``val_fraction`` are
+    held out. A content hash (not Python's salted ``hash``) keeps the split identical across
+    runs, processes and machines, and independent of file order."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def in_split(text: str, split: Split, val_fraction: float) -> bool:
+    if split == "all":
+        return True
+    return (validation_score(text) < val_fraction) == (split == "val")
+
+
+def split_documents(
+    sources: Sequence[Source], split: Split, val_fraction: float, *, text_field: str, errors: Errors
+) -> Iterator[Document]:
+    """The documents of one split, in corpus order."""
+    for document in iter_documents(sources, text_field=text_field, errors=errors):
+        if in_split(document.text, split, val_fraction):
+            yield document
+
+
+def current_shard(rank: int, world_size: int) -> tuple[int, int]:
+    """(this shard's index, number of shards) for the calling process and DataLoader worker."""
+    worker = get_worker_info()
+    workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+    return rank * workers + worker_id, world_size * workers
+
+
+def tokenize(
+    texts: Iterable[str], tokenizer: Tokenizer, separator: int | None, batch_size: int
+) -> Iterator[list[int]]:
+    """Token ids of each text (special tokens added, e.g. [CLS] ... [SEP]), each ending with
+    ``separator`` (appended when the tokenizer did not put it there: gpt style's end-of-text)."""
+    texts = iter(texts)
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which packing never uses:
+    # about 30% faster on the built-in corpus.
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    while batch := list(itertools.islice(texts, batch_size)):
+        for encoding in encode_batch(batch, add_special_tokens=True):
+            ids = encoding.ids
+            if separator is not None and (not ids or ids[-1] != separator):
+                ids.append(separator)
+            yield ids
+
+
+def shuffle_blocks(blocks: Iterable[Block], buffer_size: int, rng: np.random.Generator) -> Iterator[Block]:
+    """Approximate shuffle in bounded memory: hold ``buffer_size`` blocks, emit a random one as
+    each new block arrives, and the rest in random order at the end."""
+    buffer: list[Block] = []
+    for block in blocks:
+        if len(buffer) < buffer_size:
+            buffer.append(block)
+            continue
+        i = int(rng.integers(buffer_size))
+        yield buffer[i]
+        buffer[i] = block
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+class PackedBlocks(IterableDataset):
+    """Packed token blocks of one split of a corpus, for one rank of a (possibly) distributed run.
+
+    Yields ``{"input_ids": int64 (T,), "doc_ids": int32 (T,)}`` (see ``data.packing``). With
+    ``epochs=None`` the stream never ends: the partial block at the end of an epoch is completed by
+    the next epoch's documents. With a finite ``epochs`` the last partial block is padded.
+    Note that ranks may then yield different numbers of blocks, which a DDP training loop does not
+    tolerate: train with ``epochs=None`` and a step budget.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        tokenizer_path: str,
+        block_size: int,
+        *,
+        text_field: str = "text",
+        errors: Errors = "strict",
+        split: Split = "train",
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        epochs: int | None = 1,
+        shuffle_buffer: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
+        tokenize_batch: int = 64,
+    ) -> None:
+        """
+        Args:
+            sources: Where the documents come from (``data.sources.resolve_sources``).
+            tokenizer_path: Tokenizer folder; loaded here, so a bad one fails before any worker starts.
+            block_size: Tokens per block (T).
+            text_field: Field of JSONL / parquet / datasets records that holds the text.
+            errors: strict (stop) or replace (U+FFFD) for bytes that are not UTF-8.
+            split: train or val (by document hash, see ``validation_score``), or all documents.
+            val_fraction: Share of documents held out for validation, in [0, 1).
+            seed: Seeds the block shuffle and the per-epoch order of the files.
+            epochs: Passes over the corpus; None repeats forever.
+            shuffle_buffer: Blocks held for shuffling; 0 or 1 keeps corpus order. The val split
+                is never shuffled.
+            rank: This process's global rank.
+            world_size: Number of processes reading the corpus together.
+            tokenize_batch: Documents per ``encode_batch`` call.
+        """
+        super().__init__()
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be train, val or all, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be None or at least 1, got {epochs}")
+        self.sources = list(sources)
+        self.tokenizer_info = TokenizerInfo.load(tokenizer_path)
+        self.block_size = block_size
+        self.text_field = text_field
+        self.errors = errors
+        self.split = split
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.epochs = epochs
+        self.shuffle_buffer = shuffle_buffer
+        self.rank = rank
+        self.world_size = world_size
+        self.tokenize_batch = tokenize_batch
+
+    @property
+    def shuffles(self) -> bool:
+        return self.shuffle_buffer > 1 and self.split != "val"
+
+    def __iter__(self) -> Iterator[Block]:
+        if get_worker_info() is not None:
+            # One process per worker already; tokenizers' own threads would only oversubscribe the cores.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        shard, num_shards = current_shard(self.rank, self.world_size)
+        info = self.tokenizer_info
+        tokenizer = info.tokenizer()
+        separator = info.eos_id if info.eos_id is not None else info.sep_id
+        packer = Packer(self.block_size, pad_id=first_not_none(info.pad_id, info.eos_id, 0))
+        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
+            texts = CountingIterator(self.shard_texts(epoch, shard, num_shards))
+            blocks = (block for ids in tokenize(texts, tokenizer, separator, self.tokenize_batch)
+                      for block in packer.add(ids))
+            if self.shuffles:
+                blocks = shuffle_blocks(blocks, self.shuffle_buffer, self.rng(epoch, shard))
+            yield from blocks
+            if texts.count == 0:
+                return  # this shard has no documents: repeating nothing forever would hang the loader
+        last = packer.flush()
+        if last is not None:
+            yield last
+
+    def shard_texts(self, epoch: int, shard: int, num_shards: int) -> Iterator[str]:
+        """This shard's documents of the split, for one epoch."""
+        documents = split_documents(
+            self.epoch_sources(epoch), self.split, self.val_fraction,
+            text_field=self.text_field, errors=self.errors,
+        )
+        for index, document in enumerate(documents):
+            if index % num_shards == shard:
+                yield document.text
+
+    def epoch_sources(self, epoch: int) -> list[Source]:
+        """The files in a fresh order each training epoch; the order depends on (seed, epoch) only,
+        so every shard agrees on it and the round-robin assignment stays a partition."""
+        if not self.shuffles or len(self.sources) < 2:
+            return self.sources
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources))
+        return [self.sources[i] for i in order]
+
+    def rng(self, epoch: int, shard: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, shard])
+
+
+class CountingIterator:
+    """Passes items through and counts them."""
+
+    def __init__(self, items: Iterable) -> None:
+        self._items = iter(items)
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._items)
+        self.count += 1
+        return item
+
+
+def first_not_none(*values: int | None) -> int:
+    return next(v for v in values if v is not None)

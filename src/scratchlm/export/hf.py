@@ -1,0 +1,303 @@
+"""Writing a model as a Hugging Face folder, atomically, and proving the folder computes the same logits.
+
+The per-family knowledge (HF names, layouts, config fields) lives in ``export/<family>.py``; this
+module holds what every family shares: the folder layout, the atomic write and the parity check.
+"""
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+import os
+from pathlib import Path
+import shutil
+from typing import Any
+import uuid
+
+from safetensors.torch import save_file
+import torch
+from torch import nn
+import transformers
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.export import bert, gpt2
+from scratchlm.export.card import model_card
+from scratchlm.models import get_family
+
+SPECIAL_KEYS = ("pad", "eos", "bos", "mask", "cls", "sep", "unk")
+"""The keys of ``special_ids``."""
+
+WRITTEN_BY_US = frozenset({"config.json", "generation_config.json", "model.safetensors", "README.md"})
+"""Files of the folder that tokenizer files may not replace."""
+
+
+@dataclass(frozen=True)
+class HFTarget:
+    """The stock HF class a family exports to, and how to get there."""
+
+    hf_class: type
+    """The ``transformers`` model class, named in config.json's ``architectures``."""
+    auto_class: type
+    """The ``AutoModelFor*`` class that loads the folder."""
+    hf_config: Callable[[Any, dict[str, int | None]], transformers.PretrainedConfig]
+    """(our config, special ids) -> the HF config."""
+    hf_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]]
+    """Our model -> its weights under HF names and layouts, each shared tensor once."""
+
+
+TARGETS: dict[str, HFTarget] = {
+    "bert": HFTarget(bert.HF_CLASS, bert.AUTO_CLASS, bert.hf_config, bert.hf_state_dict),
+    "gpt2": HFTarget(gpt2.HF_CLASS, gpt2.AUTO_CLASS, gpt2.hf_config, gpt2.hf_state_dict),
+}
+
+
+def hf_target(family: str) -> HFTarget:
+    get_family(family)  # an unknown name gets the registry's error, listing the families
+    if family not in TARGETS:
+        raise ScratchLMError(f"family {family!r} has no Hugging Face export yet; choose one of {sorted(TARGETS)}")
+    return TARGETS[family]
+
+
+def hf_auto_class(family: str) -> str:
+    """Name of the ``transformers`` auto class that loads an export of ``family``."""
+    return hf_target(family).auto_class.__name__
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def export_hf(
+    model: nn.Module,
+    family: str,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_files: dict[str, str] | None,
+    special_ids: dict[str, int | None],
+    card: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a Hugging Face folder that the stock class of its family loads.
+
+    The folder holds config.json, model.safetensors (fp32), generation_config.json (causal
+    families), the tokenizer files as given (name -> text), and a README.md model card.
+
+    The write is atomic: everything goes into a hidden sibling folder first, which then takes
+    ``out_dir``'s place. An existing non-empty ``out_dir`` is refused unless ``overwrite``; with
+    it, the old folder is replaced only once the new one is complete, so a failure while writing
+    leaves it as it was. (Between moving the old folder aside and the new one in there are two
+    renames; a kill exactly between them leaves the old folder as ``.<name>.old-*`` next to it.)
+
+    Args:
+        model: a model of ``family`` (its config is ``model.config``).
+        family: registry name, e.g. "bert".
+        out_dir: the folder to write.
+        tokenizer_files: file name -> text, written verbatim; None writes no tokenizer.
+        special_ids: token ids for the keys in ``SPECIAL_KEYS`` (None where absent); pad, bos and
+            eos go into the configs.
+        card: facts about the training run for the model card (see ``export.card``).
+        overwrite: replace a non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir`` as an absolute path.
+    """
+    target = hf_target(family)
+    model = unwrap(model)
+    check_special_ids(special_ids, model.config.vocab_size)
+    check_tokenizer_names(tokenizer_files or {})
+    out = Path(out_dir).resolve()
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(out) as staging:
+        write_folder(staging, model, family, target, tokenizer_files or {}, special_ids, card)
+        flush_to_disk(staging)
+        replace_folder(staging, out)
+    return out
+
+
+def write_folder(
+    folder: Path,
+    model: nn.Module,
+    family: str,
+    target: HFTarget,
+    tokenizer_files: dict[str, str],
+    special_ids: dict[str, int | None],
+    card: dict[str, Any],
+) -> None:
+    """Every file of the export, into ``folder``."""
+    target.hf_config(model.config, special_ids).save_pretrained(folder)
+    if get_family(family).causal:
+        generation_config(special_ids).save_pretrained(folder)
+    save_file(fp32_cpu(target.hf_state_dict(model)), folder / "model.safetensors", metadata={"format": "pt"})
+    for name, text in tokenizer_files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    readme = model_card(
+        family=family,
+        hf_class=target.hf_class.__name__,
+        auto_class=target.auto_class.__name__,
+        config=model.config,
+        num_params=model.num_params(),
+        num_params_non_embedding=model.num_params(exclude_embeddings=True),
+        card=card,
+    )
+    (folder / "README.md").write_text(readme, encoding="utf-8")
+
+
+def generation_config(special_ids: dict[str, int | None]) -> transformers.GenerationConfig:
+    """Ids ``generate()`` needs: start (bos), stop (eos) and fill (pad)."""
+    return transformers.GenerationConfig(
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself when ``torch.compile`` wrapped it (its state-dict names gain ``_orig_mod.``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def fp32_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached fp32 CPU copies, each with its own storage: safetensors refuses tensors that
+    share memory (the three chunks of a fused QKV do) and needs contiguous ones (a transpose is
+    not)."""
+    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in tensors.items()}
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def check_special_ids(special_ids: dict[str, int | None], vocab_size: int) -> None:
+    for key, value in special_ids.items():
+        if key not in SPECIAL_KEYS:
+            raise ScratchLMError(f"special_ids[{key!r}]: unknown key; use {', '.join(SPECIAL_KEYS)}")
+        if value is not None and not 0 <= value < vocab_size:
+            raise ScratchLMError(
+                f"special_ids[{key!r}]={value} is outside the model's vocabulary of {vocab_size}; "
+                "export with the tokenizer the model was trained with"
+            )
+
+
+def check_tokenizer_names(tokenizer_files: dict[str, str]) -> None:
+    for name in tokenizer_files:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ScratchLMError(f"tokenizer file name {name!r}: must be a plain file name, without folders")
+        if name in WRITTEN_BY_US:
+            raise ScratchLMError(f"tokenizer file name {name!r} would replace the export's own {name}; rename it")
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ScratchLMError(f"export folder {out} is a file; choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ScratchLMError(f"export folder {out} is not empty; pass --overwrite or choose another folder")
+
+
+# --- atomic folder replacement -------------------------------------------------------------------
+
+
+@contextmanager
+def staging_folder(out: Path):
+    """A fresh hidden sibling of ``out`` (same filesystem, so renames are atomic), removed on
+    the way out unless it has become ``out``."""
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def flush_to_disk(folder: Path) -> None:
+    """fsync every file, then the folder: after a power loss the renamed folder must not turn out
+    to hold empty or torn files (the rename can reach the disk before the data does)."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` at ``out``; the old ``out``, if any, is deleted only after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def verify_export(
+    model: nn.Module,
+    family: str,
+    out_dir: str | os.PathLike,
+    *,
+    attn_implementation: str = "sdpa",
+    batch: int = 3,
+    seq: int = 16,
+    seed: int = 0,
+) -> float:
+    """Largest |logit difference| between ``model`` and the HF model loaded from ``out_dir``.
+
+    Loads the folder with the family's auto class in fp32 with ``attn_implementation`` ("sdpa",
+    "eager", ...), feeds both models the same random ids, right-padded to rows of different
+    lengths (see ``padded_batch``), and compares logits at the real tokens only. Both run in
+    eval mode; ``model`` gets its training mode back afterwards.
+    """
+    target = hf_target(family)
+    model = unwrap(model)
+    with quiet_transformers():
+        hf_model = target.auto_class.from_pretrained(
+            out_dir, dtype=torch.float32, attn_implementation=attn_implementation
+        ).eval()
+    input_ids, attention_mask = padded_batch(model.config.vocab_size, batch, seq, seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden = model(input_ids.to(device), attention_mask.to(device))
+            ours = model.logits(hidden).float().cpu()
+            theirs = hf_model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+    finally:
+        model.train(was_training)
+    return (ours - theirs)[attention_mask].abs().max().item()
+
+
+def padded_batch(vocab_size: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (B, T) and a right-padding mask (B, T) bool: row 0 is full, every other row
+    is padded after a random length in [1, T)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab_size, (batch, seq), generator=generator)
+    lengths = torch.randint(1, max(seq, 2), (batch,), generator=generator)
+    lengths[0] = seq
+    attention_mask = torch.arange(seq)[None, :] < lengths[:, None]  # (B, T)
+    return input_ids, attention_mask
+
+
+@contextmanager
+def quiet_transformers():
+    """Load without the progress bar and the load report: ``verify_export`` judges the result by
+    its logits, and BERT's report would list the pooler we add on purpose (see ``export.bert``)."""
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

@@ -1,0 +1,89 @@
+"""Model families and the registry that builds them by name.
+
+Every model follows one contract, whatever its family:
+
+- ``model.config``: the family's config dataclass; ``model.is_causal``: a class attribute.
+- ``model(input_ids (B, T), attention_mask (B, T) | None) -> (B, T, D)`` hidden states.
+- ``model.logits(hidden (..., D)) -> (..., V)``: the LM or MLM head, on any subset of positions.
+- ``model.init_weights()`` (run at the end of ``__init__``) and ``model.num_params(...)``.
+- No registered buffers, no labels, no loss.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from torch import nn
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.models import bert, gpt2
+from scratchlm.models.bert import Bert, BertConfig
+from scratchlm.models.gpt2 import GPT2, GPT2Config
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the rest of scratchlm needs to know about a model family."""
+
+    name: str
+    """Registry key, e.g. "bert"."""
+    config: type
+    """The family's config dataclass."""
+    model: type[nn.Module]
+    """The model class; built as ``model(config)``."""
+    presets: dict[str, dict]
+    """Size name -> config fields (all but ``vocab_size``)."""
+    causal: bool
+    """Whether position t sees only positions <= t."""
+    objective: Literal["mlm", "clm"]
+    """The pre-training objective used when none is chosen."""
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("bert", BertConfig, Bert, bert.PRESETS, causal=Bert.is_causal, objective="mlm"),
+    "gpt2": Family("gpt2", GPT2Config, GPT2, gpt2.PRESETS, causal=GPT2.is_causal, objective="clm"),
+}
+
+
+def get_family(family: str) -> Family:
+    """The registered family called ``family``, or an error listing the choices."""
+    if family not in FAMILIES:
+        raise ScratchLMError(f"model.family={family!r}: unknown; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def build_config(family: str, size: str = "tiny", *, vocab_size: int, **overrides):
+    """The config of preset ``size`` of ``family``, with ``vocab_size`` and field ``overrides``.
+
+    Example: ``build_config("gpt2", "tiny", vocab_size=8192, n_layers=2)``.
+    """
+    spec = get_family(family)
+    if size not in spec.presets:
+        raise ScratchLMError(f"model.size={size!r}: unknown for {family}; choose one of {list(spec.presets)}")
+    known = [f.name for f in fields(spec.config) if f.name != "vocab_size"]
+    for key in overrides:
+        if key not in known:
+            raise ScratchLMError(f"model.arch.{key}: not a {family} config field; valid fields: {', '.join(known)}")
+    return spec.config(vocab_size=vocab_size, **{**spec.presets[size], **overrides})
+
+
+def build_model(family: str, config) -> nn.Module:
+    """A freshly initialised model of ``family`` from ``config`` (a config of that family)."""
+    spec = get_family(family)
+    if not isinstance(config, spec.config):
+        raise ScratchLMError(
+            f"{type(config).__name__} is not a {family} config; build it with build_config({family!r}, ...)"
+        )
+    return spec.model(config)
+
+
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "Bert",
+    "BertConfig",
+    "Family",
+    "GPT2Config",
+    "build_config",
+    "build_model",
+    "get_family",
+]

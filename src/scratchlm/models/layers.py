@@ -1,0 +1,188 @@
+"""Pieces every model family shares: attention masks, self-attention, the MLP, weight init and
+the validation of the size fields that every family's config has.
+
+Shape legend (used in comments and name suffixes across ``models/``):
+
+    B  batch size                    T  sequence length
+    D  model width (d_model)         H  attention heads
+    K  head width (D // H)           F  MLP hidden width (d_ff)
+    V  vocabulary size               N  a flat set of selected positions (e.g. masked tokens)
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.errors import ScratchLMError
+
+# --- config validation ---------------------------------------------------------------------------
+
+
+def check_shared_fields(config) -> None:
+    """Validate the fields every family's config has; raise naming the first bad one.
+
+    Field names are given as ``model.arch.<field>``, the way a user sets them on the command line.
+    """
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):
+        check_positive_int(config, name)
+    if config.d_model % config.n_heads != 0:
+        raise ScratchLMError(
+            f"model.arch.d_model={config.d_model} is not divisible by model.arch.n_heads={config.n_heads}; "
+            "choose d_model as a multiple of n_heads"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ScratchLMError(f"model.arch.dropout={config.dropout!r}: must lie in [0, 1)")
+    if not config.norm_eps > 0.0:
+        raise ScratchLMError(f"model.arch.norm_eps={config.norm_eps!r}: must be positive")
+
+
+def check_positive_int(config, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ScratchLMError(f"model.arch.{name}={value!r}: must be a positive integer")
+
+
+def check_length(length: int, max_positions: int) -> None:
+    """Learned position tables end at ``max_positions``; say so instead of an index error."""
+    if length > max_positions:
+        raise ScratchLMError(
+            f"sequence length {length} exceeds the model's max_positions={max_positions}; "
+            "shorten the inputs (data.block_size) or raise model.arch.max_positions"
+        )
+
+
+# --- attention masks -----------------------------------------------------------------------------
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """One boolean mask for ``scaled_dot_product_attention``: True where a query may attend a key.
+
+    Args:
+        attention_mask: (B, T) bool or 0/1 ints, False/0 at padding; None when nothing is padded.
+        causal: also forbid attending to later positions.
+        doc_ids: (B, T) int document id per token, -1 at padding (as ``data.packing`` emits). When
+            given, a token attends only to tokens of its own document (block-diagonal attention for
+            packed sequences), and tokens with id -1 count as padding.
+
+    Returns:
+        (B, 1, T, T) bool, broadcast over heads; or None when neither ``attention_mask`` nor
+        ``doc_ids`` is given, in which case the caller passes ``is_causal=causal`` to SDPA and gets
+        its fused causal kernels. Callers that know a batch has no padding should pass None for the
+        same reason: any explicit mask rules out the flash kernel on GPU.
+
+    Every position may always attend to itself, even a padding position. Without that, a padding
+    query in a causal model (or any query of an all-padding row) has every key masked, and
+    depending on the PyTorch version and kernel SDPA returns NaN for it (pytorch/pytorch#103749;
+    newer kernels return zeros, not all of them do). That output is never used, yet NaN still
+    leaks: losses skip such positions by multiplying by 0, and ``0 * NaN`` is NaN, in the forward
+    sum and again in the backward pass, which poisons every gradient. Real tokens never attend to
+    padding, so the outputs that matter are unchanged.
+    """
+    if attention_mask is None and doc_ids is None:
+        return None
+    reference = attention_mask if attention_mask is not None else doc_ids
+    batch, length = reference.shape
+    device = reference.device
+    real_BT = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        real_BT = real_BT & attention_mask.bool()
+    if doc_ids is not None:
+        real_BT = real_BT & (doc_ids >= 0)
+
+    allowed = real_BT[:, None, None, :]  # (B, 1, 1, T): keys that are real tokens
+    if doc_ids is not None:
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): query doc == key doc
+        allowed = allowed & same_doc[:, None]  # (B, 1, T, T)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(length, dtype=torch.bool, device=device)
+    return allowed | diagonal  # (B, 1, T, T)
+
+
+# --- blocks --------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (one matmul instead of three).
+
+    The fused weight is (3D, D): rows [0, D) make queries, [D, 2D) keys, [2D, 3D) values, and
+    within each the H heads lie one after another (K rows each). ``export/`` relies on this layout.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.attn_dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, D), mask from :func:`build_attention_mask` -> (B, T, D)."""
+        B, T, D = x_BTD.shape
+        H = self.n_heads
+        qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
+        q_BHTK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
+        y_BHTK = F.scaled_dot_product_attention(
+            q_BHTK,
+            k_BHTK,
+            v_BHTK,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,  # an explicit mask already holds causality
+        )
+        y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)
+        return self.resid_dropout(self.proj(y_BTD))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: D -> F, GELU, F -> D, dropout."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, gelu: Literal["none", "tanh"]) -> None:
+        """``gelu`` is ``F.gelu``'s ``approximate``: "none" is the exact erf form (BERT), "tanh"
+        the tanh approximation (GPT-2, Hendrycks & Gimpel 2016, eq. in §2)."""
+        super().__init__()
+        self.gelu = gelu
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x_BTD), approximate=self.gelu)))
+
+
+# --- init and counting ---------------------------------------------------------------------------
+
+
+def init_normal(root: nn.Module, std: float = 0.02) -> None:
+    """The classic BERT / GPT-2 init over every submodule of ``root``: linear and embedding weights
+    from N(0, std²), biases zero, LayerNorm weight one and bias zero."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def count_params(root: nn.Module, exclude_embeddings: bool) -> int:
+    """Parameters of ``root``, each shared (tied) tensor once. ``exclude_embeddings`` leaves out
+    every ``nn.Embedding`` table (token, position, token type), as in the non-embedding count N of
+    Kaplan et al. 2020 (§2.1) that compute estimates use; a head tied to the token embedding is
+    then left out with it."""
+    skipped = set()
+    if exclude_embeddings:
+        skipped = {id(m.weight) for m in root.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in root.parameters() if id(p) not in skipped)

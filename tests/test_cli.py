@@ -1,0 +1,122 @@
+"""The command line, end to end: fit prints an HF folder that transformers uses; export; bad input."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import RECIPES, run_cli, zen_of_python
+from scratchlm.cli import main
+
+
+def mean_next_token_loss(model, tokenizer, text: str) -> float:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_fit_gpt2_prints_a_folder_transformers_generates_from(gpt2_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder, root, result = gpt2_run
+    assert folder == (root / "hf").resolve() and folder.is_dir()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    loss = mean_next_token_loss(model, tokenizer, zen_of_python())
+    # A uniform guess scores ln(V); this 2-layer model trains for seconds, the recipe for minutes.
+    assert loss < math.log(len(tokenizer)) - 1.0, f"held-out loss {loss:.2f} is near a uniform guess"
+    text = pipeline("text-generation", model=str(folder))("The for statement", max_new_tokens=8)
+    assert text[0]["generated_text"].startswith("The for statement")
+
+
+def test_fit_writes_logs_checkpoints_and_tokenizer_under_the_run_dir(gpt2_run):
+    _, root, _ = gpt2_run
+    metrics = next(root.glob("logs/version_*/metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    for column in ("train/loss", "train/tok_s", "val/loss", "val/ppl", "train/lr"):
+        assert column in header, column
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert (root / "tokenizer" / "tokenizer.json").is_file()
+    assert list(root.glob("logs/version_*/events.out.tfevents.*"))
+
+
+def test_fit_bert_gives_fill_mask_and_a_classifier_backbone(bert_run):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, pipeline
+
+    folder, _, _ = bert_run
+    AutoModelForMaskedLM.from_pretrained(folder)
+    fill = pipeline("fill-mask", model=str(folder))
+    predictions = fill(f"The {fill.tokenizer.mask_token} statement is used to loop.")
+    assert len(predictions) == 5 and all("token_str" in p for p in predictions)
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=3, output_loading_info=True
+    )
+    assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
+    # Only the MLM head goes unused, as for any BERT MLM checkpoint.
+    assert all(key.startswith("cls.predictions.") for key in info["unexpected_keys"])
+    assert not info["mismatched_keys"]
+
+
+def test_export_verify_prints_parity_and_refuses_a_non_empty_folder(gpt2_run, tmp_path):
+    _, root, _ = gpt2_run
+    out = tmp_path / "export"
+    result = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(out), "--verify")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("max_abs_diff="))
+    assert float(line.split("=")[1]) <= 1e-4
+    again = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(out), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(RECIPES / recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "trainer:" in printed
+    header = (RECIPES / recipe).read_text().splitlines()[0]
+    assert header.startswith("#"), "a recipe opens with a comment: what it trains, what it reaches"
+
+
+def write_bad_inputs(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (fit arguments, substrings the error must contain)."""
+    folder.mkdir()
+    empty = folder / "empty.txt"
+    empty.write_text("")
+    latin1 = folder / "latin1.txt"
+    latin1.write_bytes("first paragraph\n\ncaf\xe9 au lait\n".encode("latin-1"))
+    broken = folder / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "oops"\n')
+    nofield = folder / "nofield.jsonl"
+    nofield.write_text('{"body": "no text field here"}\n')
+    packed = folder / "packed.jsonl.gz"
+    with gzip.open(packed, "wt") as f:
+        f.write(json.dumps({"text": "fine"}) + "\n")
+    return {
+        "empty": ([str(empty)], ["empty.txt"]),
+        "not-utf8": ([str(latin1)], ["latin1.txt", ":3", "UTF-8"]),
+        "bad-json": ([str(broken)], ["broken.jsonl", ":2"]),
+        "no-field": ([str(nofield)], ["nofield.jsonl", ":1", "text"]),
+        "no-match": ([str(folder / "nothing-*.txt")], ["nothing-*.txt"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "not-utf8", "bad-json", "no-field", "no-match"])
+def test_bad_input_stops_with_one_clear_line(case, tmp_path):
+    paths, expected = write_bad_inputs(tmp_path / "data")[case]
+    result = run_cli(
+        "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"),
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--data.paths", json.dumps(paths),
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("scratchlm: error:")]
+    assert len(error_lines) == 1, result.stderr
+    for text in expected:
+        assert text in error_lines[0], error_lines[0]
