@@ -44,7 +44,7 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(16, VOCAB)
         self.head_rows = None
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, *, doc_ids=None):
         return self.embed(input_ids)
 
     def logits(self, hidden):
@@ -138,3 +138,23 @@ def test_clm_loss_ignores_padding():
     changed_loss, _ = clm.loss(model, changed)
     # Position -10 (the last real token) targets padding, so it is not scored either.
     assert torch.allclose(loss, changed_loss)
+
+
+def test_clm_with_document_masks_does_not_ask_across_documents_and_passes_doc_ids():
+    ids = np.array([7, 8, EOS, 9, 10, EOS, PAD], dtype=np.int64)
+    doc_ids = np.array([0, 0, 0, 1, 1, 1, -1], dtype=np.int32)
+    clm = CausalLM(info(eos_id=EOS), document_masks=True)
+    batch = clm.collate([{"input_ids": ids, "doc_ids": doc_ids}])
+    assert batch["labels"][0].tolist() == [8, EOS, IGNORE_INDEX, 10, EOS, IGNORE_INDEX, IGNORE_INDEX]
+
+    seen = {}
+
+    class Spy(TinyLM):
+        def forward(self, input_ids, attention_mask=None, *, doc_ids=None):
+            seen["doc_ids"] = doc_ids
+            return super().forward(input_ids, attention_mask)
+
+    clm.loss(Spy(), batch)
+    assert torch.equal(seen["doc_ids"], batch["doc_ids"])
+    CausalLM(info(eos_id=EOS)).loss(Spy(), batch)
+    assert seen["doc_ids"] is None, "without document masks, packed documents attend to each other"

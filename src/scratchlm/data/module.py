@@ -30,7 +30,10 @@ def collate_blocks(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.T
     ``attention_mask`` (B, T) bool, False at padding (``doc_ids == -1``)."""
     input_ids = torch.from_numpy(np.stack([b["input_ids"] for b in blocks])).long()
     doc_ids = torch.from_numpy(np.stack([b["doc_ids"] for b in blocks])).int()
-    return {"input_ids": input_ids, "doc_ids": doc_ids, "attention_mask": doc_ids >= 0}
+    batch = {"input_ids": input_ids, "doc_ids": doc_ids, "attention_mask": doc_ids >= 0}
+    if "word_starts" in blocks[0]:
+        batch["word_starts"] = torch.from_numpy(np.stack([b["word_starts"] for b in blocks]))
+    return batch
 
 
 class TextDataModule(L.LightningDataModule):
@@ -95,6 +98,9 @@ class TextDataModule(L.LightningDataModule):
         """Turns a list of blocks into a training batch; the training module sets its objective's."""
         self.eval_collate_fn: Collate = collate_blocks
         """The same for validation batches."""
+        self.word_starts = False
+        """Pack ``word_starts`` (which tokens begin a word) into the blocks; set by an objective that
+        masks whole words."""
         self.tokenizer_info: TokenizerInfo | None = None
         self.sources: list[Source] = []
         self.val_sources: list[Source] = []
@@ -196,6 +202,7 @@ class TextDataModule(L.LightningDataModule):
             text_field=self.text_field, errors=self.errors, split=split,
             val_fraction=self.val_fraction, seed=self.seed, epochs=epochs,
             shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
+            word_starts=self.word_starts,
         )
 
     def loader(self, stream: PackedBlocks, collate: Collate, *, persistent: bool) -> DataLoader:

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 Block = dict[str, np.ndarray]
-"""``{"input_ids": int64 (T,), "doc_ids": int32 (T,)}``."""
+"""``{"input_ids": int64 (T,), "doc_ids": int32 (T,)}``, plus ``"word_starts": bool (T,)`` when
+word boundaries are packed too."""
 
 
 class Packer:
@@ -25,27 +26,36 @@ class Packer:
     a finite stream ends with ``flush``.
     """
 
-    def __init__(self, block_size: int, pad_id: int) -> None:
+    def __init__(self, block_size: int, pad_id: int, word_starts: bool = False) -> None:
+        """``word_starts``: documents come with a bool array marking the tokens that begin a word,
+        and blocks carry it as ``word_starts``. A word cut by a block boundary starts afresh at
+        the block's first position, so every block's words lie wholly inside it."""
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
         self.pad_id = pad_id
+        self.word_starts = word_starts
         self._new_block()
 
     def _new_block(self) -> None:
         self._ids = np.empty(self.block_size, dtype=np.int64)
         self._doc_ids = np.empty(self.block_size, dtype=np.int32)
+        self._starts = np.empty(self.block_size, dtype=np.bool_) if self.word_starts else None
         self._fill = 0  # positions written in the current block
         self._doc = 0  # doc_id of the next token written
 
-    def add(self, ids: Sequence[int] | np.ndarray) -> Iterator[Block]:
-        """Append one document; yield each block it completes (none, one, or several)."""
+    def add(self, ids: Sequence[int] | np.ndarray, starts: np.ndarray | None = None) -> Iterator[Block]:
+        """Append one document (and its word starts, when packed); yield each block it completes
+        (none, one, or several)."""
         ids = np.asarray(ids, dtype=np.int64)
         start = 0
         while start < len(ids):
             take = min(self.block_size - self._fill, len(ids) - start)
             self._ids[self._fill : self._fill + take] = ids[start : start + take]
             self._doc_ids[self._fill : self._fill + take] = self._doc
+            if self._starts is not None:
+                self._starts[self._fill : self._fill + take] = starts[start : start + take]
+                self._starts[0] = True
             self._fill += take
             start += take
             if self._fill == self.block_size:
@@ -55,6 +65,8 @@ class Packer:
 
     def _take_block(self) -> Block:
         block = {"input_ids": self._ids, "doc_ids": self._doc_ids}
+        if self._starts is not None:
+            block["word_starts"] = self._starts
         self._new_block()  # hand the arrays out; never write into a block already yielded
         return block
 
@@ -64,6 +76,8 @@ class Packer:
             return None
         self._ids[self._fill :] = self.pad_id
         self._doc_ids[self._fill :] = -1
+        if self._starts is not None:
+            self._starts[self._fill :] = True
         return self._take_block()
 
 

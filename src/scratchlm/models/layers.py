@@ -106,6 +106,39 @@ def build_attention_mask(
     return allowed | diagonal  # (B, 1, T, T)
 
 
+# --- rotary position embeddings ------------------------------------------------------------------
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of rotary embeddings (Su et al. 2021, RoFormer §3.4) for ``positions``.
+
+    Args:
+        positions: (T,) or (B, T) integer positions; (B, T) lets positions restart per document.
+        head_dim: K, even.
+        theta: the base of the frequencies: pair j rotates by position · theta^(-2j/K).
+
+    Returns:
+        cos, sin of shape (..., T, K) in the layout Hugging Face uses ("rotate half"): the K/2
+        frequencies repeated twice, so dimension i pairs with i + K/2, not with i + 1.
+        Computed in fp32 (positions × frequencies loses precision in bf16), cast to ``dtype``.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, K/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, K)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x_BHTK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys (B, H, T, K) by cos/sin of shape (T, K) or (B, T, K)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, K): broadcast over heads
+    first, second = x_BHTK.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return x_BHTK * cos + rotated_half * sin
+
+
 # --- blocks --------------------------------------------------------------------------------------
 
 

@@ -15,28 +15,35 @@ class CausalLM:
     """Next-token loss over packed blocks.
 
     The end-of-text token that closes each document is a target like any other (a model must
-    learn when to stop); padding never is. Labels are the inputs shifted left by one, so the last
+    learn when to stop); padding never is. With ``document_masks``, attention stays inside each
+    packed document, and the first token of a document is no target of the previous one. Labels are the inputs shifted left by one, so the last
     position of a block has no target: its successor starts the next block.
     """
 
     name = "clm"
 
-    def __init__(self, tokenizer_info) -> None:
+    def __init__(self, tokenizer_info, document_masks: bool = False) -> None:
         self.pad_id = tokenizer_info.pad_id
+        self.document_masks = document_masks
+        self.needs_word_starts = False
 
     def collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         batch = collate_blocks(blocks)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         labels[:, :-1] = batch["input_ids"][:, 1:]
-        target_is_pad = ~batch["attention_mask"][:, 1:]
-        labels[:, :-1][target_is_pad] = IGNORE_INDEX
+        unscored = ~batch["attention_mask"][:, 1:]
+        if self.document_masks:
+            # A document's last token cannot see the next document, so cannot be asked to predict it.
+            unscored |= batch["doc_ids"][:, 1:] != batch["doc_ids"][:, :-1]
+        labels[:, :-1][unscored] = IGNORE_INDEX
         batch["labels"] = labels
         return batch
 
     eval_collate = collate  # nothing random to fix
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        hidden_BTD = model(batch["input_ids"], batch["attention_mask"])
+        doc_ids = batch["doc_ids"] if self.document_masks else None
+        hidden_BTD = model(batch["input_ids"], batch["attention_mask"], doc_ids=doc_ids)
         logits_BTV = model.logits(hidden_BTD)
         loss = F.cross_entropy(
             logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX

@@ -29,6 +29,13 @@ class MaskingConfig:
     """Of the chosen tokens, the fraction replaced by the mask token."""
     replace_random: float = 0.1
     """Of the chosen tokens, the fraction replaced by a random ordinary token; the rest are kept."""
+    whole_word: bool = False
+    """Choose whole words: all pieces of a word are chosen together (Cui et al. 2019). Words are
+    the tokenizer's pre-tokenization units, so this works for BPE, WordPiece and Unigram alike."""
+    fixed_count: bool = False
+    """Choose exactly round(mask_rate · T) tokens per sequence (at most that many with
+    ``whole_word``, never splitting a word), so the prediction head sees a static shape: no
+    data-dependent sizes, no host-device synchronisation, fit for ``torch.compile``."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_rate < 1.0:
@@ -48,13 +55,16 @@ class MaskedLM:
 
     name = "mlm"
 
-    def __init__(self, tokenizer_info, masking: MaskingConfig | None = None) -> None:
+    def __init__(self, tokenizer_info, masking: MaskingConfig | None = None, document_masks: bool = False) -> None:
         if tokenizer_info.mask_id is None:
             raise ScratchLMError(
                 f"tokenizer {tokenizer_info.path} has no mask token, which MLM needs; "
                 "train one for an encoder family (scratchlm tokenizer train --family bert ...)"
             )
         self.masking = masking or MaskingConfig()
+        self.document_masks = document_masks
+        self.needs_word_starts = self.masking.whole_word
+        """Blocks must carry ``word_starts`` (see ``data.packing``)."""
         self.mask_id = tokenizer_info.mask_id
         special = torch.tensor(sorted(tokenizer_info.special_ids), dtype=torch.long)
         ordinary = torch.ones(tokenizer_info.vocab_size, dtype=torch.bool)
@@ -71,17 +81,9 @@ class MaskedLM:
         return self.corrupt(batch, generator=content_generator(batch["input_ids"]))
 
     def corrupt(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        """Choose positions, write their originals into ``labels`` and corrupt ``input_ids``.
-
-        Special tokens and padding are never chosen. At least one position per batch is, so the
-        loss is always defined."""
+        """Choose positions, write their originals into ``labels`` and corrupt ``input_ids``."""
         input_ids = batch["input_ids"].clone()
-        eligible = batch["attention_mask"] & ~torch.isin(input_ids, self.special_ids)
-        chosen = eligible & (torch.rand(input_ids.shape, generator=generator) < self.masking.mask_rate)
-        if not chosen.any() and eligible.any():
-            first = eligible.flatten().nonzero()[0]
-            chosen.view(-1)[first] = True
-
+        chosen = self.choose(batch, generator)
         labels = torch.where(chosen, input_ids, IGNORE_INDEX)
         action = torch.rand(input_ids.shape, generator=generator)
         to_mask = chosen & (action < self.masking.replace_mask)
@@ -89,15 +91,52 @@ class MaskedLM:
         input_ids[to_mask] = self.mask_id
         draws = torch.randint(len(self.ordinary_ids), (int(to_random.sum()),), generator=generator)
         input_ids[to_random] = self.ordinary_ids[draws]
-
         batch.update(input_ids=input_ids, labels=labels)
         return batch
 
+    def choose(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """(B, T) bool: the positions to predict. Special tokens and padding are never chosen; at
+        least one position per batch is, so the loss is always defined.
+
+        Every token draws a score in [0, 1); with ``whole_word`` each token takes its word's score
+        instead, so a word's pieces are chosen or left together. Tokens under ``mask_rate`` are
+        chosen, or, with ``fixed_count``, the k lowest per sequence."""
+        input_ids = batch["input_ids"]
+        eligible = batch["attention_mask"] & ~torch.isin(input_ids, self.special_ids)
+        scores_BT = torch.rand(input_ids.shape, generator=generator)
+        if self.masking.whole_word:
+            word_BT = batch["word_starts"].long().cumsum(1) - 1  # index of each token's word in its row
+            scores_BT = scores_BT.gather(1, word_BT)
+        scores_BT = scores_BT.masked_fill(~eligible, 2.0)  # above every draw: never chosen
+        if self.masking.fixed_count:
+            k = self.count(input_ids.shape[1])
+            kth_B1 = scores_BT.topk(k, dim=1, largest=False).values[:, -1:]
+            # Strictly below the k-th score drops a word that would straddle the k-th token.
+            chosen = eligible & ((scores_BT < kth_B1) if self.masking.whole_word else (scores_BT <= kth_B1))
+        else:
+            chosen = eligible & (scores_BT < self.masking.mask_rate)
+        if not chosen.any() and eligible.any():
+            chosen = eligible & (scores_BT == scores_BT.min())  # the lowest-scoring token (or word)
+        return chosen
+
+    def count(self, length: int) -> int:
+        """Positions chosen per sequence of ``length`` tokens under ``fixed_count``."""
+        return max(1, round(self.masking.mask_rate * length))
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        hidden_BTD = model(batch["input_ids"], batch["attention_mask"])
-        chosen = batch["labels"] != IGNORE_INDEX
-        logits_NV = model.logits(hidden_BTD[chosen])  # the head runs on chosen positions only
-        targets_N = batch["labels"][chosen]
-        loss = F.cross_entropy(logits_NV.float(), targets_N)
-        accuracy = (logits_NV.argmax(-1) == targets_N).float().mean()
+        doc_ids = batch["doc_ids"] if self.document_masks else None
+        hidden_BTD = model(batch["input_ids"], batch["attention_mask"], doc_ids=doc_ids)
+        labels_BT = batch["labels"]
+        if self.masking.fixed_count:
+            # k positions per row, chosen ones first: a static shape, with no sync for a nonzero count.
+            index_BK = (labels_BT != IGNORE_INDEX).to(torch.int8).topk(self.count(labels_BT.shape[1]), dim=1).indices
+            hidden_ND = hidden_BTD.gather(1, index_BK[..., None].expand(-1, -1, hidden_BTD.shape[-1])).flatten(0, 1)
+            targets_N = labels_BT.gather(1, index_BK).flatten()
+        else:
+            chosen = labels_BT != IGNORE_INDEX
+            hidden_ND, targets_N = hidden_BTD[chosen], labels_BT[chosen]
+        logits_NV = model.logits(hidden_ND)  # the head runs on chosen positions only
+        loss = F.cross_entropy(logits_NV.float(), targets_N, ignore_index=IGNORE_INDEX)
+        scored = targets_N != IGNORE_INDEX
+        accuracy = ((logits_NV.argmax(-1) == targets_N) & scored).sum() / scored.sum().clamp(min=1)
         return loss, {"accuracy": accuracy.detach()}

@@ -27,6 +27,7 @@ class PretrainModule(L.LightningModule):
         arch: dict[str, Any] | None = None,
         objective: Literal["mlm", "clm"] | None = None,
         masking: MaskingConfig | None = None,
+        document_masks: bool = False,
         optim: OptimConfig | None = None,
     ) -> None:
         """
@@ -37,7 +38,10 @@ class PretrainModule(L.LightningModule):
             size: Preset of the family: tiny, small or base.
             arch: Overrides of preset fields, e.g. ``{n_layers: 2, d_model: 64}``.
             objective: mlm or clm; the family's default when unset.
-            masking: MLM masking rates (mlm only).
+            masking: MLM masking: rates, 80/10/10 split, whole words, fixed count (mlm only).
+            document_masks: Keep attention inside each packed document (block-diagonal, plus
+                causal for decoders), with positions restarting per document where the family
+                supports it; otherwise packed documents see each other, as in GPT-2 and BERT.
             optim: AdamW and learning-rate schedule.
         """
         super().__init__()
@@ -50,21 +54,21 @@ class PretrainModule(L.LightningModule):
         self.family = family
         config = build_config(family, size, vocab_size=self.tokenizer_info.vocab_size, **(arch or {}))
         self.model = build_model(family, config)
-        self.objective = self._build_objective(objective or FAMILIES[family].objective, masking)
+        self.objective = self._build_objective(objective or FAMILIES[family].objective, masking, document_masks)
         self.optim = optim or OptimConfig()
         self.tokens_seen = 0
         self._val_sum = self._val_count = None
 
-    def _build_objective(self, name: str, masking: MaskingConfig | None):
+    def _build_objective(self, name: str, masking: MaskingConfig | None, document_masks: bool):
         if name not in OBJECTIVES:
             raise ScratchLMError(f"model.objective={name!r}: unknown; choose one of {sorted(OBJECTIVES)}")
         if name == "mlm":
-            return MaskedLM(self.tokenizer_info, masking)
+            return MaskedLM(self.tokenizer_info, masking, document_masks)
         if FAMILIES[self.family].causal is False:
             raise ScratchLMError(
                 f"model.objective=clm needs a causal family; {self.family!r} is an encoder (use mlm)"
             )
-        return OBJECTIVES[name](self.tokenizer_info)
+        return OBJECTIVES[name](self.tokenizer_info, document_masks)
 
     # --- wiring to the data ------------------------------------------------------------------
 
@@ -76,6 +80,7 @@ class PretrainModule(L.LightningModule):
             return
         datamodule.collate_fn = self.objective.collate
         datamodule.eval_collate_fn = self.objective.eval_collate
+        datamodule.word_starts = self.objective.needs_word_starts
         max_positions = self.model.config.max_positions
         if datamodule.block_size > max_positions:
             raise ScratchLMError(
