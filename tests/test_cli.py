@@ -120,3 +120,35 @@ def test_bad_input_stops_with_one_clear_line(case, tmp_path):
     assert len(error_lines) == 1, result.stderr
     for text in expected:
         assert text in error_lines[0], error_lines[0]
+
+
+def test_fit_runs_under_two_process_ddp(tmp_path):
+    """Lightning's own DDP on two CPU processes (gloo): both ranks train, validate, and rank 0 exports."""
+    result = run_cli(
+        "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.enable_progress_bar", "false", "--tokenizer.vocab_size", "500",
+        "--model.arch", "{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}",
+    )
+    assert result.stdout.strip().splitlines()[-1] == str((tmp_path / "hf").resolve())
+    metrics = next(tmp_path.glob("logs/version_*/metrics.csv")).read_text()
+    assert "val/loss" in metrics.splitlines()[0]
+
+
+def test_a_bad_line_found_while_training_is_reported_cleanly(gpt2_run, tmp_path):
+    """With a tokenizer given, nothing reads the corpus before training; the error comes from the
+    stream, mid-run, and must still be one line naming the file and line."""
+    _, root, _ = gpt2_run
+    corpus = tmp_path / "late.jsonl"
+    lines = [json.dumps({"text": f"document number {i} is fine."}) for i in range(200)]
+    corpus.write_text("\n".join(lines[:150] + ['{"text": broken'] + lines[150:]) + "\n")
+    result = run_cli(
+        "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.paths", str(corpus), "--data.tokenizer", str(root / "tokenizer"), "--data.num_workers", "1",
+        "--trainer.max_steps", "50", "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0",
+        check=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    error_lines = [l for l in result.stderr.splitlines() if l.startswith("scratchlm: error:")]
+    assert len(error_lines) == 1 and "late.jsonl:151" in error_lines[0], result.stderr

@@ -69,7 +69,7 @@ STYLES = {
     ),
 }
 
-STYLE_OF_FAMILY = {"bert": "bert", "gpt2": "gpt"}
+STYLE_OF_FAMILY = {"bert": "bert", "gpt2": "gpt", "llama": "gpt", "modernbert": "bert", "modernbert-causal": "gpt"}
 """Which special-token style each model family uses."""
 
 DEFAULT_KIND_OF_STYLE: dict[str, Kind] = {"bert": "wordpiece", "gpt": "bpe"}

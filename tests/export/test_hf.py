@@ -136,7 +136,12 @@ def test_configs_carry_the_special_ids(exported):
 def test_tokenizer_files_and_card_are_written(exported):
     family, _, folder = exported
     for name, text in TOKENIZER_FILES.items():
-        assert (folder / name).read_text() == text
+        written = (folder / name).read_text()
+        if name == "tokenizer_config.json":
+            # capped at the model's positions, so HF truncates instead of indexing past them
+            assert json.loads(written) == {**json.loads(text), "model_max_length": 256}
+        else:
+            assert written == text
     readme = (folder / "README.md").read_text()
     assert f"{hf_auto_class(family)}.from_pretrained(path)" in readme and "| Optimizer steps | 7 |" in readme
 
@@ -231,4 +236,4 @@ def test_tokenizer_file_may_not_escape_or_replace_the_export(tmp_path):
 
 def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ScratchLMError, match="unknown"):
-        export_hf(scrambled("gpt2"), "llama", tmp_path / "hf", tokenizer_files=None, special_ids={}, card={})
+        export_hf(scrambled("gpt2"), "llama2", tmp_path / "hf", tokenizer_files=None, special_ids={}, card={})

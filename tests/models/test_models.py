@@ -55,8 +55,9 @@ def test_explicit_all_real_mask_equals_no_mask(family_model):
         torch.testing.assert_close(model(x, torch.ones_like(x)), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_causal_model_does_not_see_the_future():
-    model = tiny("gpt2")
+@pytest.mark.parametrize("family", [name for name, spec in sorted(FAMILIES.items()) if spec.causal])
+def test_causal_model_does_not_see_the_future(family):
+    model = tiny(family)
     x = ids()
     changed = x.clone()
     changed[:, 6:] = (changed[:, 6:] + 1) % VOCAB
@@ -119,8 +120,9 @@ def test_all_padding_row_keeps_loss_and_gradients_finite(family_model):
 
 def test_sequence_longer_than_the_position_table_is_refused(family_model):
     _, model = family_model
-    with pytest.raises(ScratchLMError, match="max_positions=256"):
-        model(torch.zeros(1, 257, dtype=torch.long))
+    limit = model.config.max_positions
+    with pytest.raises(ScratchLMError, match=f"max_positions={limit}"):
+        model(torch.zeros(1, limit + 1, dtype=torch.long))
 
 
 def test_bert_token_types_default_to_zero():

@@ -42,9 +42,9 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        paths: list[str] | None = None,
+        paths: list[str] | str | None = None,
         tokenizer: str | None = None,
-        val_paths: list[str] | None = None,
+        val_paths: list[str] | str | None = None,
         val_fraction: float = 0.05,
         text_field: str = "text",
         block_size: int = 128,
@@ -57,7 +57,7 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            paths: Training text: .txt (one document per paragraph), .jsonl[.gz] / .json lines,
+            paths: Training text, one path or a list ('[a.jsonl, more/, "b/*.txt"]'): .txt (one document per paragraph), .jsonl[.gz] / .json lines,
                 .parquet files, folders, globs, datasets save_to_disk folders, or datasets:NAME[:SPLIT].
                 Unset: the built-in corpus (the Python reference docs shipped with CPython).
             tokenizer: Tokenizer folder (from scratchlm tokenizer train); fit trains one into the

@@ -7,6 +7,7 @@ module holds what every family shares: the folder layout, the atomic write and t
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
 import shutil
@@ -19,7 +20,7 @@ from torch import nn
 import transformers
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.export import bert, gpt2
+from scratchlm.export import bert, gpt2, llama, modernbert
 from scratchlm.export.card import model_card
 from scratchlm.models import get_family
 
@@ -47,6 +48,16 @@ class HFTarget:
 TARGETS: dict[str, HFTarget] = {
     "bert": HFTarget(bert.HF_CLASS, bert.AUTO_CLASS, bert.hf_config, bert.hf_state_dict),
     "gpt2": HFTarget(gpt2.HF_CLASS, gpt2.AUTO_CLASS, gpt2.hf_config, gpt2.hf_state_dict),
+    "llama": HFTarget(llama.HF_CLASS, llama.AUTO_CLASS, llama.hf_config, llama.hf_state_dict),
+    "modernbert": HFTarget(
+        modernbert.HF_CLASS, modernbert.AUTO_CLASS, modernbert.hf_config, modernbert.hf_state_dict
+    ),
+    "modernbert-causal": HFTarget(
+        modernbert.CAUSAL_HF_CLASS,
+        modernbert.CAUSAL_AUTO_CLASS,
+        modernbert.causal_hf_config,
+        modernbert.causal_hf_state_dict,
+    ),
 }
 
 
@@ -128,6 +139,7 @@ def write_folder(
         generation_config(special_ids).save_pretrained(folder)
     save_file(fp32_cpu(target.hf_state_dict(model)), folder / "model.safetensors", metadata={"format": "pt"})
     for name, text in tokenizer_files.items():
+        text = capped_max_length(text, model.config.max_positions) if name == "tokenizer_config.json" else text
         (folder / name).write_text(text, encoding="utf-8")
     readme = model_card(
         family=family,
@@ -139,6 +151,17 @@ def write_folder(
         card=card,
     )
     (folder / "README.md").write_text(readme, encoding="utf-8")
+
+
+def capped_max_length(tokenizer_config: str, max_positions: int) -> str:
+    """``tokenizer_config.json`` with ``model_max_length`` at most the model's positions: HF
+    tokenizers and pipelines truncate to it, and a longer input would run past a learned position
+    table (an IndexError deep inside the model instead of a truncation)."""
+    config = json.loads(tokenizer_config)
+    limit = config.get("model_max_length")
+    if limit is None or limit > max_positions:
+        config["model_max_length"] = max_positions
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 def generation_config(special_ids: dict[str, int | None]) -> transformers.GenerationConfig:

@@ -15,9 +15,11 @@ from typing import Literal
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.models import bert, gpt2
+from scratchlm.models import bert, gpt2, llama, modernbert
 from scratchlm.models.bert import Bert, BertConfig
 from scratchlm.models.gpt2 import GPT2, GPT2Config
+from scratchlm.models.llama import Llama, LlamaConfig
+from scratchlm.models.modernbert import ModernBert, ModernBertCausal, ModernBertConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,18 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "bert": Family("bert", BertConfig, Bert, bert.PRESETS, causal=Bert.is_causal, objective="mlm"),
     "gpt2": Family("gpt2", GPT2Config, GPT2, gpt2.PRESETS, causal=GPT2.is_causal, objective="clm"),
+    "llama": Family("llama", LlamaConfig, Llama, llama.PRESETS, causal=Llama.is_causal, objective="clm"),
+    "modernbert": Family(
+        "modernbert", ModernBertConfig, ModernBert, modernbert.PRESETS, causal=ModernBert.is_causal, objective="mlm"
+    ),
+    "modernbert-causal": Family(
+        "modernbert-causal",
+        ModernBertConfig,
+        ModernBertCausal,
+        modernbert.PRESETS,
+        causal=ModernBertCausal.is_causal,
+        objective="clm",
+    ),
 }
 
 
@@ -83,6 +97,11 @@ __all__ = [
     "BertConfig",
     "Family",
     "GPT2Config",
+    "Llama",
+    "LlamaConfig",
+    "ModernBert",
+    "ModernBertCausal",
+    "ModernBertConfig",
     "build_config",
     "build_model",
     "get_family",

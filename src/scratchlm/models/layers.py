@@ -139,6 +139,22 @@ def apply_rope(x_BHTK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return x_BHTK * cos + rotated_half * sin
 
 
+def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token inside its own packed document, for rotary embeddings.
+
+    ``doc_ids`` (B, T) holds documents as contiguous runs of one id (as ``data.packing`` emits
+    them, -1 at padding). Position 0 is each run's first token (the row's first token, or one whose
+    id differs from its left neighbour's), counting up from there; a run of padding counts as one
+    more document, whose positions nothing real reads.
+    """
+    B, T = doc_ids.shape
+    index_BT = torch.arange(T, device=doc_ids.device).expand(B, T)
+    is_start_BT = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start_BT[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    run_start_BT = torch.where(is_start_BT, index_BT, 0).cummax(dim=1).values  # latest start at or before t
+    return index_BT - run_start_BT
+
+
 # --- blocks --------------------------------------------------------------------------------------
 
 

@@ -121,11 +121,12 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Held-out loss weighted by target tokens (not by batches), and its perplexity."""
-        total = self.all_gather(torch.stack([self._val_sum, self._val_count]))
-        total = total.reshape(-1, 2).sum(0)
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_count]), reduce_op="sum")
         val_loss = total[0] / total[1].clamp(min=1)
-        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(val_loss), rank_zero_only=True)
+        # Every rank now holds the same value; sync_dist averages identical numbers (and keeps
+        # Lightning from warning that epoch-level values are unsynchronised).
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=True)
 
     def configure_optimizers(self):
         total_steps = self.trainer.max_steps
