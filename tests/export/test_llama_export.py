@@ -132,7 +132,8 @@ def test_weights_are_written_split_and_the_tied_head_once(exported):
     assert ("lm_head.weight" in shapes) is not model.config.tie_embeddings
     kv_width = model.config.n_kv_heads * 32
     assert shapes["model.layers.1.self_attn.q_proj.weight"] == (128, 128)
-    assert shapes["model.layers.1.self_attn.k_proj.weight"] == shapes["model.layers.1.self_attn.v_proj.weight"] == (kv_width, 128)
+    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (kv_width, 128)
+    assert shapes["model.layers.1.self_attn.v_proj.weight"] == (kv_width, 128)
     assert shapes["model.layers.1.mlp.gate_proj.weight"] == shapes["model.layers.1.mlp.up_proj.weight"] == (352, 128)
     assert not [name for name in shapes if "bias" in name]
 

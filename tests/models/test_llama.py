@@ -7,7 +7,7 @@ import torch
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models import LlamaConfig, build_config, build_model
-from scratchlm.models.llama import positions_in_documents
+from scratchlm.models.layers import positions_in_documents
 
 VOCAB = 300
 
@@ -80,11 +80,14 @@ def test_grouped_query_attention_equals_multi_head_with_each_kv_head_repeated_ov
     mha = tiny(n_kv_heads=4)
     mha.load_state_dict({k: v for k, v in gqa.state_dict().items() if not k.endswith("attn.qkv.weight")}, strict=False)
     K = 32
+
+    def repeat_over_group(w_GKD: torch.Tensor) -> torch.Tensor:  # rows of heads [0, 1] -> [0, 0, 1, 1]
+        return w_GKD.view(2, K, -1).repeat_interleave(2, dim=0).reshape(4 * K, -1)
+
     with torch.no_grad():
         for ours, theirs in zip(gqa.blocks, mha.blocks):
             q, k, v = ours.attn.qkv.weight.split([4 * K, 2 * K, 2 * K])
-            repeat = lambda w: w.view(2, K, -1).repeat_interleave(2, dim=0).reshape(4 * K, -1)  # noqa: E731
-            theirs.attn.qkv.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
+            theirs.attn.qkv.weight.copy_(torch.cat([q, repeat_over_group(k), repeat_over_group(v)]))
         x = ids()
         torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
 

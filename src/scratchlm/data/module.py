@@ -99,6 +99,8 @@ class TextDataModule(L.LightningDataModule):
         self.eval_collate_fn: Collate = collate_blocks
         """The same for validation batches."""
         self.word_starts = False
+        self.resume_batches = 0
+        """Training batches already delivered by an earlier run (from ``load_state_dict``)."""
         """Pack ``word_starts`` (which tokens begin a word) into the blocks; set by an objective that
         masks whole words."""
         self.tokenizer_info: TokenizerInfo | None = None
@@ -182,6 +184,7 @@ class TextDataModule(L.LightningDataModule):
             self.sources, split="all" if self.val_sources else "train",
             epochs=self.train_epochs, shuffle_buffer=self.shuffle_buffer,
         )
+        stream.skip_batches, stream.batch_size = self.resume_batches, self.batch_size
         return self.loader(stream, self.collate_fn, persistent=False)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -216,9 +219,46 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
+            # The loader's own generator: its per-iterator seed draw must not advance the global
+            # RNG that dropout uses, or a resumed run (which builds its loader at step k, not 0)
+            # would drop out different units than the uninterrupted run.
+            generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=persistent,
             multiprocessing_context=worker_start_method() if self.num_workers > 0 else None,
         )
+
+    # --- resuming ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The training stream's position, saved in Lightning checkpoints: the batches the trainer
+        has trained on so far, and the settings that decide which blocks those were."""
+        trained = 0
+        if self.trainer is not None:
+            # ``processed`` counts batches whose step ran; a checkpoint taken at the end of a step
+            # includes that step's batch (``completed`` is only raised after the callbacks run).
+            trained = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"batches": trained, **self.stream_layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the training stream after the saved batches, exactly, or refuse when the
+        layout that decides the stream changed (the same batches could not be found again)."""
+        saved = {key: state.get(key) for key in self.stream_layout()}
+        if saved != self.stream_layout():
+            changed = ", ".join(
+                f"{key} {saved[key]} -> {value}" for key, value in self.stream_layout().items() if saved[key] != value
+            )
+            raise ScratchLMError(
+                f"cannot resume this run's data stream exactly: {changed}; resume with the original "
+                "settings (processes x --data.num_workers, --data.batch_size, --data.seed, --data.block_size)"
+            )
+        self.resume_batches = int(state["batches"])
+
+    def stream_layout(self) -> dict:
+        _, world_size = self.rank_and_world()
+        return {
+            "world_size": world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
+            "seed": self.seed, "block_size": self.block_size, "shuffle_buffer": self.shuffle_buffer,
+        }
 
     def describe(self) -> str:
         """A short description of the training corpus, for the model card."""

@@ -131,6 +131,8 @@ class PackedBlocks(IterableDataset):
         world_size: int = 1,
         tokenize_batch: int = 64,
         word_starts: bool = False,
+        skip_batches: int = 0,
+        batch_size: int = 1,
     ) -> None:
         """
         Args:
@@ -149,6 +151,10 @@ class PackedBlocks(IterableDataset):
             world_size: Number of processes reading the corpus together.
             tokenize_batch: Documents per ``encode_batch`` call.
             word_starts: Also yield ``word_starts`` (bool, T) per block: which tokens begin a word.
+            skip_batches: Batches of ``batch_size`` blocks the loader reading this stream already
+                delivered (across its workers) before a resume; they are regenerated and dropped,
+                so the stream continues exactly where it stopped.
+            batch_size: The loader's batch size (only used with ``skip_batches``).
         """
         super().__init__()
         if split not in ("train", "val", "all"):
@@ -171,16 +177,38 @@ class PackedBlocks(IterableDataset):
         self.world_size = world_size
         self.tokenize_batch = tokenize_batch
         self.word_starts = word_starts
+        self.skip_batches = skip_batches
+        self.batch_size = batch_size
 
     @property
     def shuffles(self) -> bool:
         return self.shuffle_buffer > 1 and self.split != "val"
 
     def __iter__(self) -> Iterator[Block]:
+        """This shard's blocks, each numbered with a ``sample_seed`` that depends only on (seed,
+        shard, position in the shard's stream): randomness drawn from it at collate time (MLM
+        masks) is the same whichever process, worker or resumed run collates the block. The first
+        ``skip_batches`` batches this shard contributes to its loader are left out (resuming)."""
+        shard, num_shards = current_shard(self.rank, self.world_size)
+        numbered = (
+            {**block, "sample_seed": np.asarray([self.seed, shard, index], dtype=np.int64)}
+            for index, block in enumerate(self.blocks(shard, num_shards))
+        )
+        yield from itertools.islice(numbered, self.skipped_blocks(), None)
+
+    def skipped_blocks(self) -> int:
+        """Blocks of this worker's stream that went into the ``skip_batches`` batches already
+        trained on. A DataLoader takes batch k from worker k mod W, each of ``batch_size``
+        consecutive blocks of that worker's stream."""
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        batches = len(range(worker_id, self.skip_batches, workers))
+        return batches * self.batch_size
+
+    def blocks(self, shard: int, num_shards: int) -> Iterator[Block]:
         if get_worker_info() is not None:
             # One process per worker already; tokenizers' own threads would only oversubscribe the cores.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        shard, num_shards = current_shard(self.rank, self.world_size)
         info = self.tokenizer_info
         tokenizer = info.tokenizer()
         separator = info.eos_id if info.eos_id is not None else info.sep_id

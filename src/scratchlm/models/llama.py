@@ -25,6 +25,7 @@ from scratchlm.models.layers import (
     check_shared_fields,
     count_params,
     init_normal,
+    positions_in_documents,
     rope_cos_sin,
 )
 
@@ -172,21 +173,6 @@ class LlamaBlock(nn.Module):
     ) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
-
-
-def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) position of each token inside its document: 0 where a document starts (the first
-    token of the row, or a token whose id differs from the one before it), counting up from there.
-
-    Documents are contiguous runs of one id, as ``data.packing`` emits them; a run of padding
-    (-1) counts like one more document, whose positions nothing real reads.
-    """
-    B, T = doc_ids.shape
-    index_BT = torch.arange(T, device=doc_ids.device).expand(B, T)
-    starts_BT = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts_BT[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_of_doc_BT = torch.where(starts_BT, index_BT, 0).cummax(dim=1).values  # latest start so far
-    return index_BT - start_of_doc_BT
 
 
 # --- model ---------------------------------------------------------------------------------------

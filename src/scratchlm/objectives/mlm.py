@@ -16,7 +16,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.data import collate_blocks
-from scratchlm.objectives.batch import IGNORE_INDEX, content_generator
+from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, sample_generator
 
 
 @dataclass
@@ -74,7 +74,7 @@ class MaskedLM:
         """Token ids a random replacement may draw: never a special token."""
 
     def collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return self.corrupt(collate_blocks(blocks), generator=None)
+        return self.corrupt(collate_blocks(blocks), generator=sample_generator(blocks))
 
     def eval_collate(self, blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         batch = collate_blocks(blocks)

@@ -1,9 +1,11 @@
 """The LightningModule: a model and an objective, composed. It has no layers of its own."""
 
 from dataclasses import asdict
+import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 
 from scratchlm.errors import ScratchLMError
@@ -14,6 +16,25 @@ from scratchlm.training.optim import OptimConfig, build_optimizer
 
 CHECKPOINT_KEY = "scratchlm"
 """Where our own record lives inside a Lightning checkpoint (see ``on_save_checkpoint``)."""
+
+RNG_KEY = "scratchlm_rng"
+"""Where the generators' states live inside a Lightning checkpoint, which keeps none of its own."""
+
+
+def random_states() -> dict[str, Any]:
+    """The global generators a training step draws from (dropout, and any user code)."""
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class PretrainModule(L.LightningModule):
@@ -141,6 +162,7 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.record()
+        checkpoint[RNG_KEY] = random_states()
 
     def record(self) -> dict[str, Any]:
         """Everything beyond the weights that the exporter needs: with it, a checkpoint is
@@ -167,6 +189,8 @@ class PretrainModule(L.LightningModule):
                 f"checkpoint is a {record['family']!r} model but model.family={self.family!r}"
             )
         self.tokens_seen = record["tokens_seen"]
+        if RNG_KEY in checkpoint:
+            restore_random_states(checkpoint[RNG_KEY])
 
     def special_ids(self) -> dict[str, int | None]:
         info = self.tokenizer_info
