@@ -96,7 +96,9 @@ def test_causal_greedy_generation_matches_ours_past_the_window(exports):
     model, folder = exports["modernbert-causal"]
     hf_model, _ = load(transformers.AutoModelForCausalLM, folder)
     prompt = torch.randint(2, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
-    theirs = hf_model.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    theirs = hf_model.eval().generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False
+    )
 
     ours = prompt
     with torch.no_grad():

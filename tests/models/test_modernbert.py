@@ -46,7 +46,8 @@ def test_presets_have_the_documented_sizes():
         "base": (768, 22, 12, 1152, 8192, 128, 3),
     }
     base = build_config("modernbert-causal", "base", vocab_size=100)
-    assert (base.global_rope_theta, base.local_rope_theta, base.norm_eps, base.dropout) == (160_000.0, 10_000.0, 1e-5, 0.0)
+    thetas_eps_dropout = (base.global_rope_theta, base.local_rope_theta, base.norm_eps, base.dropout)
+    assert thetas_eps_dropout == (160_000.0, 10_000.0, 1e-5, 0.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES_HERE)

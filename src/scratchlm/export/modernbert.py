@@ -142,12 +142,20 @@ def token_ids(special_ids: dict[str, int | None]) -> dict[str, int | None]:
     """pad/bos/eos/cls/sep for the HF config. As in ModernBERT's own config (bos = cls, eos = sep),
     each of a pair stands in for the other where the tokenizer has only one: a BERT-style
     tokenizer has [CLS]/[SEP], a GPT-style one has only end-of-text."""
-    bos = special_ids.get("bos") if special_ids.get("bos") is not None else special_ids.get("cls")
-    eos = special_ids.get("eos") if special_ids.get("eos") is not None else special_ids.get("sep")
-    cls = special_ids.get("cls") if special_ids.get("cls") is not None else bos
-    sep = special_ids.get("sep") if special_ids.get("sep") is not None else eos
-    return dict(pad_token_id=special_ids.get("pad"), bos_token_id=bos, eos_token_id=eos, cls_token_id=cls,
-                sep_token_id=sep)
+    bos = first_known(special_ids.get("bos"), special_ids.get("cls"))
+    eos = first_known(special_ids.get("eos"), special_ids.get("sep"))
+    return dict(
+        pad_token_id=special_ids.get("pad"),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        cls_token_id=first_known(special_ids.get("cls"), bos),
+        sep_token_id=first_known(special_ids.get("sep"), eos),
+    )
+
+
+def first_known(*ids: int | None) -> int | None:
+    """The first id that is not None (0 is a valid id), or None."""
+    return next((i for i in ids if i is not None), None)
 
 
 def hf_config(config: ModernBertConfig, special_ids: dict[str, int | None]) -> transformers.ModernBertConfig:

@@ -5,8 +5,9 @@ the token embeddings (there is no position table), rotary positions (Su et al. 2
 for global layers and another for local ones, a GeGLU MLP (Shazeer 2020), a fused QKV projection,
 no biases in the blocks, and attention that alternates between global and local: every
 ``global_every``-th block (the first included) attends over the whole sequence, the others within
-a sliding window (§2.1.1 of the paper). The head is ModernBERT's: dense, GELU, LayerNorm, then a
-decoder tied to the token embedding, plus an output bias.
+a sliding window ("Modern Transformer" and "Efficiency Improvements" in §2.1 of the paper). The
+head is ModernBERT's: dense, GELU, LayerNorm, then a decoder tied to the token embedding, plus an
+output bias, the one bias of the model (the paper keeps it to offset weight tying).
 
 One backbone, two families:
 
@@ -108,7 +109,8 @@ class ModernBertConfig:
 
 
 def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
-    """ModernBERT's LayerNorm: a scale and no bias (the paper, §2.1.1, removes biases throughout)."""
+    """ModernBERT's LayerNorm: a scale and no bias (the paper removes biases from every norm and
+    from every linear layer but the decoder, to spend the parameters in the matrices)."""
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
 
 
@@ -244,10 +246,10 @@ class ModernBert(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """ModernBERT's init (the "Megatron" scheme of the paper, §2.1.3, as HF's port draws it):
-        normals truncated at ±2σ with σ = 0.02 for the embedding and the matrices that read the
-        residual stream, σ = 0.02/sqrt(2·n_layers) for those that write into it (and the head's
-        dense), unit LayerNorms, a zero output bias."""
+        """ModernBERT's init (the Megatron scheme the paper uses for its base model, drawn as HF's
+        port draws it): normals truncated at ±2σ with σ = 0.02 for the embedding and the matrices
+        that read the residual stream, σ = 0.02/sqrt(2·n_layers) for those that write into it (and
+        the head's dense), unit LayerNorms, a zero output bias."""
         std = 0.02
         out_std = std / math.sqrt(2 * self.config.n_layers)
         truncated_normal(self.tok_emb.weight, std)

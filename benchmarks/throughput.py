@@ -1,0 +1,398 @@
+"""Training throughput of scratchlm's models against the matching Hugging Face class, in one process.
+
+For each model family and precision, both models take full training steps (forward, loss, backward,
+AdamW step, zero_grad) on the same random tokens, in alternating rounds after a warm-up, and the
+median tokens/s of each is printed with their ratio and scratchlm's model FLOPs utilisation:
+
+    family=<f> dtype=<d> seq=<T> scratchlm_tok_s=<x> hf_tok_s=<y> ratio=<x/y> mfu=<m>
+
+Lines starting with ``#`` are comments: the machine, the fixed model config, and for every case a
+loss check (both models hold the same weights, so their first losses must agree: the comparison is
+of one architecture, not two).
+
+What is compared
+----------------
+- The model: one fixed config, so results compare across commits: vocabulary 8192, d_model 256,
+  4 layers, 4 heads, MLP width 1024 (GELU MLPs of bert and gpt2) or 688 (the gated MLPs of llama's
+  SwiGLU and modernbert's GeGLU: ~8/3·d_model, which costs what a 4·d_model GELU MLP costs;
+  Shazeer 2020, §2), llama with n_kv_heads = 4 (plain multi-head attention), modernbert with its
+  default local window of 128. Dropout is 0.0 in both models, so no dropout kernel runs in either
+  and the losses can be compared.
+- The HF model: ``TARGETS[family].hf_class`` built from ``TARGETS[family].hf_config(config,
+  special_ids)`` (the export's own config, so the architecture is identical) with
+  ``attn_implementation="sdpa"``, in train mode, loaded with our initial weights. ``use_cache`` is
+  off for the causal classes (a KV cache has no use in training).
+- The objective, as each library's users train:
+  MLM (bert, modernbert): 15% of positions chosen and corrupted by ``MaskedLM.collate``; ours runs
+  ``MaskedLM.loss`` (the head on the chosen positions only); HF gets ``(input_ids,
+  attention_mask, labels)`` with -100 at the positions not chosen (the head on every position).
+  CLM (gpt2, llama, modernbert-causal): ours ``CausalLM.loss`` on ``CausalLM.collate``'s batch; HF
+  ``(input_ids, labels=input_ids)`` (it shifts the labels itself).
+  Our batch is what the training loop gets: one packed document per block, no padding, and the
+  collate's ``attention_mask`` (all True) and ``doc_ids`` passed along.
+- Precision: ``fp32``, or ``bf16`` = ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward
+  and loss in both (weights and AdamW states stay fp32).
+- Optimizer: ``torch.optim.AdamW(lr=1e-4)`` with its defaults for both.
+- Tokens/s counts every token of the batch (B·T). Sequence 128 runs batch 32; by default the
+  batch is 4096 // seq, so every case trains on 4096 tokens a step (batch 8 at seq 512).
+
+MFU (model FLOPs utilisation)
+-----------------------------
+``mfu = scratchlm_tok_s · flops_per_token / peak``, where ``peak`` is the best FLOP/s of a large
+square matmul (``--peak-size``, 2048 by default) timed by this script on this machine, in the case's
+dtype, with the same threads, at start. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
+with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
+
+    flops_per_token = 6·N_blocks + 6·N_head·s + 12·L·T·D
+
+- ``N_blocks``: weights of every ``nn.Linear`` in the blocks (biases, norms and embedding lookups
+  left out: no matmul). 6 = 2 FLOPs per multiply-add × 3 (forward, backward to the inputs,
+  backward to the weights).
+- ``N_head``: the LM/MLM head's matmuls, counted honestly as our model runs them: the V×D
+  decoder (the tied embedding matrix, or llama's untied head) plus the head's own dense layer
+  (bert, modernbert), times ``s``, the share of positions the head runs on: all of them for CLM,
+  the chosen 15% for MLM (measured on the batch). Work HF does beyond that (the MLM head on every
+  position) is not model FLOPs and does not count.
+- ``12·L·T·D``: attention scores (Q·Kᵀ) and the weighted sum (A·V), 2·T·D FLOPs each per token and
+  layer in the forward pass, ×3 with the backward. As in PaLM, the whole T×T is counted for causal
+  and windowed attention too, though a fused kernel may skip the masked half.
+"""
+
+import argparse
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+import transformers
+
+from scratchlm.export.hf import TARGETS
+from scratchlm.models import FAMILIES, build_config, build_model
+from scratchlm.objectives.clm import CausalLM
+from scratchlm.objectives.mlm import MaskedLM
+from scratchlm.tokenizer import STYLE_OF_FAMILY, TokenizerInfo
+
+VOCAB = 8192
+"""Vocabulary of every benchmarked model."""
+
+SHARED_ARCH = dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0)
+"""Config fields every family gets (dropout 0.0 in both models: a clean comparison)."""
+
+FAMILY_ARCH: dict[str, dict] = {
+    "bert": dict(d_ff=1024),
+    "gpt2": dict(d_ff=1024),
+    "llama": dict(d_ff=688, n_kv_heads=4),
+    "modernbert": dict(d_ff=688),
+    "modernbert-causal": dict(d_ff=688),
+}
+"""The benchmarked families, in print order, and their own fields. A family that is not registered
+in ``scratchlm.models.FAMILIES`` is skipped without a line."""
+
+SPECIAL_IDS: dict[str, dict[str, int]] = {
+    "bert": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+    "gpt": {"eos": 0, "bos": 0, "pad": 1, "unk": 2},
+}
+"""Token ids of the special tokens, per tokenizer style (as ``scratchlm.tokenizer`` assigns them)."""
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+"""--dtype -> autocast dtype (None: no autocast)."""
+
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+TOKENS_PER_STEP = 4096
+"""The default batch is TOKENS_PER_STEP // seq: 32 at seq 128, 8 at seq 512."""
+
+
+# --- the two sides of a case ---------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One model with its optimizer and the closure that computes its loss on the fixed batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[], torch.Tensor]
+
+
+def special_ids_of(family: str) -> dict[str, int]:
+    return SPECIAL_IDS[STYLE_OF_FAMILY[family]]
+
+
+def tokenizer_info(family: str) -> TokenizerInfo:
+    """What the objectives need to know of a tokenizer, without one on disk."""
+    ids = special_ids_of(family)
+    return TokenizerInfo(
+        path="(synthetic)",
+        vocab_size=VOCAB,
+        **{f"{role}_id": ids.get(role) for role in ("pad", "eos", "bos", "mask", "cls", "sep", "unk")},
+        special_ids=tuple(sorted(set(ids.values()))),
+        model_max_length=None,
+        file_texts={},
+    )
+
+
+def random_batch(objective, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """The objective's collate of ``batch`` random blocks of ``seq`` ordinary tokens, one document each."""
+    rng = np.random.default_rng(seed)
+    first_ordinary = 5  # above every special id of both styles
+    blocks = [
+        {
+            "input_ids": rng.integers(first_ordinary, VOCAB, seq, dtype=np.int64),
+            "doc_ids": np.zeros(seq, dtype=np.int32),
+            "sample_seed": np.asarray([seed, 0, i], dtype=np.int64),
+        }
+        for i in range(batch)
+    ]
+    return objective.collate(blocks)
+
+
+def hf_inputs(objective_name: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The arguments an HF user passes for the same batch: MLM labels with -100 where nothing is
+    predicted; for CLM the inputs themselves as labels (HF shifts them)."""
+    if objective_name == "mlm":
+        return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"])
+    return dict(input_ids=batch["input_ids"], labels=batch["input_ids"])
+
+
+def build_sides(family: str, batch_size: int, seq: int, seed: int) -> tuple[Side, Side, float]:
+    """(scratchlm side, HF side, share of positions our head runs on) for one family."""
+    torch.manual_seed(seed)
+    spec = FAMILIES[family]
+    config = build_config(
+        family, "tiny", vocab_size=VOCAB, max_positions=max(512, seq), **SHARED_ARCH, **FAMILY_ARCH[family]
+    )
+    ours = build_model(family, config).train()
+    objective = MaskedLM(tokenizer_info(family)) if spec.objective == "mlm" else CausalLM(tokenizer_info(family))
+    batch = random_batch(objective, batch_size, seq, seed)
+
+    target = TARGETS[family]
+    hf_config = target.hf_config(config, special_ids_of(family))
+    hf_config.use_cache = False
+    hf = target.hf_class._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32).train()
+    hf.load_state_dict(target.hf_state_dict(ours), strict=False)  # HF ties the decoder itself
+    inputs = hf_inputs(spec.objective, batch)
+
+    scored = (batch["labels"] != -100).float().mean().item() if spec.objective == "mlm" else 1.0
+    return (
+        Side(ours, adamw(ours), lambda: objective.loss(ours, batch)[0]),
+        Side(hf, adamw(hf), lambda: hf(**inputs).loss),
+        scored,
+    )
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext()
+
+
+def train_step(side: Side, dtype: str) -> float:
+    """One full training step; returns the loss."""
+    with autocast(dtype):
+        loss = side.loss()
+    loss.backward()
+    side.optimizer.step()
+    side.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def timed_round(side: Side, dtype: str, steps: int, tokens_per_step: int) -> float:
+    """Tokens/s over ``steps`` consecutive training steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(side, dtype)
+    return steps * tokens_per_step / (time.perf_counter() - start)
+
+
+def first_losses(ours: Side, hf: Side, dtype: str) -> tuple[float, float]:
+    """Both models' loss on the batch before any step: equal up to rounding when the HF model
+    computes what ours does."""
+    with torch.no_grad(), autocast(dtype):
+        return ours.loss().item(), hf.loss().item()
+
+
+def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tuple[float, float]:
+    """Median tokens/s of (ours, HF): warm-up steps for each, then ``args.rounds`` rounds of
+    ``args.steps`` steps, the order alternating (AB, BA, ...) so that neither side always runs in
+    the other's wake (caches, turbo, a neighbour's load)."""
+    for _ in range(args.warmup):
+        train_step(ours, dtype)
+        train_step(hf, dtype)
+    ours_rates, hf_rates = [], []
+    for round_index in range(args.rounds):
+        order = [(ours, ours_rates), (hf, hf_rates)]
+        for side, rates in order if round_index % 2 == 0 else reversed(order):
+            rates.append(timed_round(side, dtype, args.steps, tokens_per_step))
+    return statistics.median(ours_rates), statistics.median(hf_rates)
+
+
+# --- FLOPs and the machine's peak ----------------------------------------------------------------
+
+
+def linear_weights(module: nn.Module | None, skip_shape: tuple[int, int] | None = None) -> int:
+    """Elements of the weights of every ``nn.Linear`` in ``module`` (none for None)."""
+    if module is None:
+        return 0
+    return sum(
+        m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and tuple(m.weight.shape) != skip_shape
+    )
+
+
+def flops_per_token(model: nn.Module, seq: int, scored: float) -> float:
+    """Training FLOPs per token: 6·N_blocks + 6·N_head·scored + 12·L·T·D (see the module docstring)."""
+    config = model.config
+    V, D, L = config.vocab_size, config.d_model, config.n_layers
+    n_blocks = linear_weights(model.blocks)
+    # The decoder is V×D whether tied to the embedding or a separate Linear (counted once); the
+    # head's own dense layer (bert, modernbert) runs on the same positions as the decoder.
+    n_head = V * D + linear_weights(getattr(model, "head", None), skip_shape=(V, D))
+    return 6 * n_blocks + 6 * n_head * scored + 12 * L * seq * D
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size × size) @ (size × size) matmul over ``repeats`` timings, after one
+    untimed call: the ceiling MFU is measured against."""
+    a = torch.randn(size, size, dtype=torch.float32).to(dtype)
+    b = torch.randn(size, size, dtype=torch.float32).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+
+def profile_steps(side: Side, dtype: str, rows: int) -> str:
+    """The ``rows`` ops with the most self CPU time over two training steps, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            train_step(side, dtype)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def header(args, peaks: dict[str, float]) -> list[str]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    peak_text = " ".join(f"peak_{d}_gflop_s={p / 1e9:.1f}" for d, p in peaks.items())
+    arch = ", ".join(f"{k}={v}" for k, v in SHARED_ARCH.items())
+    return [
+        f"# cpu={cpu_model()!r} cores={cores} torch={torch.__version__} transformers={transformers.__version__} "
+        f"threads={torch.get_num_threads()} {peak_text} (matmul {args.peak_size}x{args.peak_size}, best of 5)",
+        f"# load_average_1_5_15={load_average()}",
+        f"# config: vocab={VOCAB}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), "
+        f"llama n_kv_heads=4; batch={args.batch} seq={args.seq}; warmup={args.warmup} "
+        f"rounds={args.rounds} steps/round={args.steps}; AdamW(lr=1e-4); dropout 0.0 in both",
+    ]
+
+
+def case_line(family: str, dtype: str, seq: int, ours: float, hf: float, mfu: float) -> str:
+    return (
+        f"family={family} dtype={dtype} seq={seq} scratchlm_tok_s={ours:.0f} hf_tok_s={hf:.0f} "
+        f"ratio={ours / hf:.3f} mfu={mfu:.3f}"
+    )
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--family", action="append",
+        help=f"family to run; repeat or comma-separate (default: every registered one of {', '.join(FAMILY_ARCH)})",
+    )
+    parser.add_argument("--dtype", action="append", help="fp32 and/or bf16; repeat or comma-separate (default: both)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length T (default 128)")
+    parser.add_argument("--batch", type=int, help=f"sequences per step (default {TOKENS_PER_STEP} // seq)")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per round (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per model (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (default 1)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
+    args.dtype = split_choices(parser, "--dtype", args.dtype, list(DTYPES))
+    args.batch = args.batch or max(1, TOKENS_PER_STEP // args.seq)
+    for name in ("seq", "batch", "steps", "rounds", "peak_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def split_choices(parser, flag: str, given: list[str] | None, choices: list[str]) -> list[str]:
+    """Repeated and comma-separated values, checked against ``choices``, in the order of ``choices``."""
+    if not given:
+        return choices
+    values = {v.strip() for item in given for v in item.split(",") if v.strip()}
+    unknown = values - set(choices)
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(choices)}")
+    return [c for c in choices if c in values]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size) for d in args.dtype}
+    print("\n".join(header(args, peaks)), flush=True)
+    for family in (f for f in args.family if f in FAMILIES and f in TARGETS):
+        for dtype in args.dtype:
+            ours, hf, scored = build_sides(family, args.batch, args.seq, args.seed)
+            loss_ours, loss_hf = first_losses(ours, hf, dtype)
+            print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
+                  f"head_share={scored:.3f} load={load_average()}", flush=True)
+            ours_rate, hf_rate = compare(ours, hf, dtype, args, args.batch * args.seq)
+            mfu = ours_rate * flops_per_token(ours.model, args.seq, scored) / peaks[dtype]
+            print(case_line(family, dtype, args.seq, ours_rate, hf_rate, mfu), flush=True)
+            if args.profile:
+                for name, side in (("scratchlm", ours), ("hf", hf)):
+                    table = profile_steps(side, dtype, args.profile)
+                    print("\n".join(f"# [{name}] {row}" for row in table.splitlines()), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,85 @@
+"""A run killed with SIGKILL and resumed from its last checkpoint is the run it would have been."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runs import RECIPES, ROOT, run_cli
+
+SMALL = [
+    "--model.arch", "{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}",
+    "--data.block_size", "32", "--data.batch_size", "4", "--data.shuffle_buffer", "8",
+    "--trainer.max_steps", "16", "--trainer.val_check_interval", "8", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "tok"
+    run_cli("tokenizer", "train", "--family", "bert", "--vocab-size", "500", "--out", str(out))
+    return out
+
+
+def fit_command(root: Path, tokenizer: Path, workers: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "scratchlm", "fit", "--config", str(RECIPES / "bert-tiny.yaml"),
+        "--trainer.default_root_dir", str(root), "--data.tokenizer", str(tokenizer),
+        "--data.num_workers", str(workers), *SMALL, *extra,
+    ]
+
+
+def train_losses(root: Path) -> dict[int, str]:
+    """step -> train/loss exactly as logged (text, so equality is bit for bit), over all versions."""
+    losses = {}
+    for path in sorted(root.glob("logs/version_*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = row["train/loss"]
+    return losses
+
+
+def kill_after_first_checkpoint(command: list[str], checkpoint: Path) -> None:
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within two minutes"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, workers):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(fit_command(whole, tokenizer, workers), cwd=ROOT, check=True, capture_output=True)
+    reference = train_losses(whole)
+    assert sorted(reference) == list(range(16))
+
+    kill_after_first_checkpoint(fit_command(broken, tokenizer, workers), broken / "checkpoints" / "last.ckpt")
+    resumed = subprocess.run(
+        fit_command(broken, tokenizer, workers, "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    after = train_losses(broken)
+    resumed_steps = [step for step in after if step >= 8]
+    assert resumed_steps and max(resumed_steps) == 15
+    for step in resumed_steps:
+        assert after[step] == reference[step], f"step {step}: {after[step]} != {reference[step]}"
+
+    # The same checkpoint cannot be continued exactly with another number of workers: refuse.
+    other = 2 if workers == 0 else 0
+    refused = subprocess.run(
+        fit_command(whole, tokenizer, other, "--ckpt_path", "last", "--trainer.max_steps", "20"),
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"num_workers {workers} -> {other}" in refused.stderr
