@@ -1,6 +1,7 @@
 """The LightningModule: a model and an objective, composed. It has no layers of its own."""
 
 from dataclasses import asdict
+from pathlib import Path
 import random
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ class PretrainModule(L.LightningModule):
         masking: MaskingConfig | None = None,
         document_masks: bool = False,
         optim: OptimConfig | None = None,
+        max_bad_steps: int = 20,
     ) -> None:
         """
         Args:
@@ -68,6 +70,8 @@ class PretrainModule(L.LightningModule):
                 causal for decoders), with positions restarting per document where the family
                 supports it; otherwise packed documents see each other, as in GPT-2 and BERT.
             optim: AdamW and learning-rate schedule.
+            max_bad_steps: Steps in a row whose loss or gradient norm is not finite that are
+                skipped (and counted in train/skipped_steps) before the run stops with a checkpoint.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -82,6 +86,9 @@ class PretrainModule(L.LightningModule):
         self.objective = self._build_objective(objective or FAMILIES[family].objective, masking, document_masks)
         self.optim = optim or OptimConfig()
         self.tokens_seen = 0
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
         self._val_sum = self._val_count = None
 
     def _build_objective(self, name: str, masking: MaskingConfig | None, document_masks: bool):
@@ -122,13 +129,44 @@ class PretrainModule(L.LightningModule):
 
     # --- steps -------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self.objective.loss(self.model, batch)
+        # One host-device sync per step buys the guard: a NaN or inf loss would otherwise poison
+        # the weights (and AdamW's moments) for good.
+        if not torch.isfinite(loss):
+            self.count_bad_step("loss")
+            return None  # Lightning skips backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in metrics.items():
             self.log(f"train/{name}", value)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update when the gradients are not finite (the loss was, but backward
+        overflowed): with every grad cleared, AdamW leaves each parameter and its moments as they were."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return  # training_step skipped this batch and counted it
+        if torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.bad_steps_in_a_row = 0
+            return
+        for parameter in self.model.parameters():
+            parameter.grad = None
+        self.count_bad_step("gradient norm")
+
+    def count_bad_step(self, what: str) -> None:
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.bad_steps_in_a_row > self.max_bad_steps:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise ScratchLMError(
+                f"the {what} was not finite for {self.bad_steps_in_a_row} steps in a row (step "
+                f"{self.global_step}); stopped with a checkpoint at {path}. Lower --model.optim.lr, "
+                "set --trainer.gradient_clip_val 1.0, or train in bf16-mixed rather than fp16"
+            )
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # A Python int, counted from shapes: no device synchronisation.

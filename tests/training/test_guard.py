@@ -1,0 +1,82 @@
+"""Non-finite losses and gradients: skipped and counted, and a run that keeps producing them stops."""
+
+import lightning as L
+import pytest
+import torch
+
+from scratchlm import PretrainModule, ScratchLMError, TextDataModule, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return str(train_tokenizer(None, tmp_path_factory.mktemp("guard") / "tok", vocab_size=300, family="gpt2"))
+
+
+def nan_loss(loss, model):
+    return loss * float("nan")
+
+
+def nan_gradient(loss, model):
+    """Same (finite) loss, but d sqrt(x)/dx at x = 0 is infinite: the backward pass overflows."""
+    weight = next(model.parameters())
+    return loss + torch.sqrt(weight.sum() * 0.0)
+
+
+class Poisoned(PretrainModule):
+    """Poisons the loss on the chosen (0-based) training batches."""
+
+    def __init__(self, *args, poisoned: set[int], poison=nan_loss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poisoned = poisoned
+        self.poison = poison
+        self.batches = 0
+
+    def training_step(self, batch, batch_idx):
+        original = self.objective.loss
+        if self.batches in self.poisoned:
+            self.objective.loss = lambda model, b: (self.poison(original(model, b)[0], model), {})
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self.objective.loss = original
+            self.batches += 1
+
+
+def fit(module, tokenizer, root, steps):
+    data = TextDataModule(tokenizer=tokenizer, block_size=32, batch_size=4, val_fraction=0)
+    trainer = L.Trainer(
+        max_steps=steps, default_root_dir=root, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+ARCH = {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_ff": 64}
+
+
+def test_nonfinite_losses_are_skipped_and_leave_the_weights_alone(tokenizer, tmp_path):
+    module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned={2, 3, 4})
+    trainer = fit(module, tokenizer, tmp_path, steps=8)
+    assert module.skipped_steps == 3
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    # AdamW counts the updates it applied to each parameter: the poisoned batches made none.
+    state = trainer.optimizers[0].state
+    assert {int(state[p]["step"]) for p in module.parameters()} == {5}
+
+
+def test_a_run_that_stays_nonfinite_stops_with_a_checkpoint(tokenizer, tmp_path):
+    module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned=set(range(2, 100)), max_bad_steps=3)
+    with pytest.raises(ScratchLMError, match="not finite for 4 steps in a row") as error:
+        fit(module, tokenizer, tmp_path, steps=50)
+    saved = list((tmp_path / "checkpoints").glob("nonfinite-*.ckpt"))
+    assert len(saved) == 1 and str(saved[0]) in str(error.value)
+
+
+def test_nonfinite_gradients_skip_the_update(tokenizer, tmp_path):
+    module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned={1, 2}, poison=nan_gradient)
+    trainer = fit(module, tokenizer, tmp_path, steps=6)
+    assert module.skipped_steps == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    state = trainer.optimizers[0].state
+    assert {int(state[p]["step"]) for p in module.parameters()} == {4}
