@@ -343,7 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", action="append", help="fp32 and/or bf16; repeat or comma-separate (default: both)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length T (default 128)")
     parser.add_argument("--batch", type=int, help=f"sequences per step (default {TOKENS_PER_STEP} // seq)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per round (default 3)")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per round (default 2)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per model (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (default 1)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

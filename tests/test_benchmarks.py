@@ -1,0 +1,124 @@
+"""The benchmark scripts run end to end on tiny settings and print lines in their documented format.
+
+Nothing here times anything (speed is measured in ``benchmarks/``, never asserted in a test); it
+checks that the scripts still work against the current models, objectives, exports and data
+pipeline, and that their output can be parsed.
+"""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+import re
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+NUMBER = r"[0-9.]+(?:e[+-]?[0-9]+)?"
+THROUGHPUT_LINE = re.compile(
+    rf"family=(\S+) dtype=(fp32|bf16) seq=(\d+) scratchlm_tok_s=({NUMBER}) hf_tok_s=({NUMBER}) "
+    rf"ratio=({NUMBER}) mfu=({NUMBER})"
+)
+DATA_LINE = re.compile(
+    rf"route=(scratchlm|hf) workers=(\d+) tok_s=({NUMBER}) peak_rss_mb=({NUMBER}) "
+    rf"worker_peak_rss_mb=({NUMBER}) tree_peak_pss_mb=({NUMBER}) corpus=(\d+)x tokens=(\d+) .*"
+)
+
+
+def load_script(name: str):
+    """A benchmark script as a module (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def body_lines(output: str) -> list[str]:
+    """The result lines: everything that is not a ``#`` comment."""
+    return [line for line in output.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load_script("throughput")
+
+
+def test_throughput_prints_one_line_per_case(throughput, capsys):
+    throughput.main(
+        ["--family", "bert,gpt2", "--dtype", "fp32", "--seq", "16", "--batch", "2", "--steps", "1",
+         "--rounds", "1", "--warmup", "0", "--peak-size", "64", "--threads", "1"]
+    )
+    output = capsys.readouterr().out
+    assert output.startswith("# cpu=")
+    lines = body_lines(output)
+    matches = [THROUGHPUT_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    assert [(m[1], m[2], m[3]) for m in matches] == [("bert", "fp32", "16"), ("gpt2", "fp32", "16")]
+    for m in matches:
+        ours, theirs, ratio = float(m[4]), float(m[5]), float(m[6])
+        assert ours > 0 and theirs > 0 and float(m[7]) > 0
+        assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.002)
+
+
+def test_throughput_models_compute_the_same_loss(throughput, capsys):
+    """The HF model of each case holds our weights: equal first losses show that the benchmark
+    compares one architecture, not two."""
+    throughput.main(
+        ["--family", "llama", "--dtype", "fp32", "--seq", "16", "--batch", "2", "--steps", "1",
+         "--rounds", "1", "--warmup", "0", "--peak-size", "64", "--threads", "1"]
+    )
+    check = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("# check"))
+    ours = float(re.search(r"loss_scratchlm=(\S+)", check)[1])
+    theirs = float(re.search(r"loss_hf=(\S+)", check)[1])
+    assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_throughput_skips_unregistered_families(throughput, monkeypatch, capsys):
+    monkeypatch.delitem(throughput.FAMILIES, "gpt2")
+    throughput.main(
+        ["--family", "gpt2", "--dtype", "fp32", "--seq", "8", "--batch", "1", "--steps", "1",
+         "--rounds", "1", "--warmup", "0", "--peak-size", "64", "--threads", "1"]
+    )
+    assert body_lines(capsys.readouterr().out) == []
+
+
+def test_throughput_flops_count_the_head_where_it_runs(throughput):
+    """6·N per token with N the block matmuls, the MLM head on its share of positions only."""
+    ours, _, _ = throughput.build_sides("bert", batch_size=1, seq=8, seed=0)
+    model = ours.model
+    D, V, L, F = 256, throughput.VOCAB, 4, 1024
+    blocks = L * (4 * D * D + 2 * D * F)
+    head = V * D + D * D
+    assert throughput.flops_per_token(model, seq=8, scored=0.15) == pytest.approx(
+        6 * blocks + 6 * head * 0.15 + 12 * L * 8 * D
+    )
+
+
+def test_data_pipeline_prints_one_line_per_case(tmp_path, capsys):
+    corpus = tmp_path / "tiny.jsonl.gz"
+    words = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()
+    with gzip.open(corpus, "wt", encoding="utf-8") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": " ".join(words[i % 7 :] + words[: i % 7])}) + "\n")
+    data_pipeline = load_script("data_pipeline")
+    data_pipeline.main(
+        ["--corpus", str(corpus), "--block-size", "16", "--batch-size", "4", "--max-tokens", "0",
+         "--workers", "0", "--scales", "1", "--repeats", "1"]
+    )
+    output = capsys.readouterr().out
+    assert output.startswith("# cpu=")
+    matches = [DATA_LINE.fullmatch(line) for line in body_lines(output)]
+    assert all(matches), output
+    assert [(m[1], m[2], m[7]) for m in matches] == [("scratchlm", "0", "1"), ("hf", "0", "1")]
+    for m in matches:
+        assert float(m[3]) > 0 and float(m[4]) > 0 and int(m[8]) > 0
+
+
+def test_data_pipeline_scaled_corpus_repeats_the_documents(tmp_path):
+    """The k-times corpus (for the memory comparison) is the 1x documents k times over."""
+    data_pipeline = load_script("data_pipeline")
+    path = tmp_path / "c.jsonl.gz"
+    data_pipeline.write_jsonl_gz(path, ["a b", "c"], copies=3)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        assert [json.loads(line)["text"] for line in f] == ["a b", "c"] * 3
