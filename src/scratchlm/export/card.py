@@ -14,8 +14,14 @@ TRAINING_ROWS: dict[str, str] = {
 }
 """Keys of the ``card`` dict the card knows by name -> row label. Other keys get a row as they are."""
 
-PIPELINE_TASK = {"AutoModelForMaskedLM": "fill-mask", "AutoModelForCausalLM": "text-generation"}
-"""HF auto class -> the ``pipeline`` task and Hub ``pipeline_tag`` it serves."""
+PIPELINE_TASK = {
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForSeq2SeqLM": "text2text-generation",
+}
+"""HF auto class -> the ``pipeline`` task and Hub ``pipeline_tag`` it serves. transformers 5 removed
+the ``text2text-generation`` pipeline (the Hub tag remains), so encoder-decoder cards show
+``generate()`` instead of a pipeline (see ``usage_section``)."""
 
 
 def model_card(
@@ -65,6 +71,8 @@ def training_section(card: dict[str, Any]) -> str:
 
 
 def usage_section(auto_class: str, task: str, fine_tuning: bool) -> str:
+    if auto_class == "AutoModelForSeq2SeqLM":
+        return "## How to load\n\n" + seq2seq_snippet()
     snippet = (
         "```python\n"
         f"from transformers import {auto_class}, AutoTokenizer, pipeline\n\n"
@@ -85,6 +93,21 @@ def usage_section(auto_class: str, task: str, fine_tuning: bool) -> str:
             "that is harmless."
         )
     return text
+
+
+def seq2seq_snippet() -> str:
+    """Loading an encoder-decoder and generating with it: there is no pipeline for it in
+    transformers 5, and ``generate()`` reads the decoder's start token from generation_config.json."""
+    return (
+        "```python\n"
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"
+        'path = "path/to/this/folder"\n'
+        "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        "model = AutoModelForSeq2SeqLM.from_pretrained(path)\n"
+        'inputs = tokenizer(["some text"], return_tensors="pt")\n'
+        "print(tokenizer.batch_decode(model.generate(**inputs, max_new_tokens=20)))\n"
+        "```"
+    )
 
 
 def format_value(value: Any) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 import transformers
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.export import bert, gpt2, llama, modernbert
+from scratchlm.export import bert, gpt2, llama, modernbert, t5
 from scratchlm.export.card import model_card
 from scratchlm.models import get_family
 
@@ -58,6 +58,7 @@ TARGETS: dict[str, HFTarget] = {
         modernbert.causal_hf_config,
         modernbert.causal_hf_state_dict,
     ),
+    "t5": HFTarget(t5.HF_CLASS, t5.AUTO_CLASS, t5.hf_config, t5.hf_state_dict),
 }
 
 
@@ -88,8 +89,8 @@ def export_hf(
 ) -> Path:
     """Write ``model`` as a Hugging Face folder that the stock class of its family loads.
 
-    The folder holds config.json, model.safetensors (fp32), generation_config.json (causal
-    families), the tokenizer files as given (name -> text), and a README.md model card.
+    The folder holds config.json, model.safetensors (fp32), generation_config.json (causal and
+    encoder-decoder families), the tokenizer files as given (name -> text), and a README.md model card.
 
     The write is atomic: everything goes into a hidden sibling folder first, which then takes
     ``out_dir``'s place. An existing non-empty ``out_dir`` is refused unless ``overwrite``; with
@@ -134,9 +135,11 @@ def write_folder(
     card: dict[str, Any],
 ) -> None:
     """Every file of the export, into ``folder``."""
-    target.hf_config(model.config, special_ids).save_pretrained(folder)
-    if get_family(family).causal:
-        generation_config(special_ids).save_pretrained(folder)
+    hf_config = target.hf_config(model.config, special_ids)
+    hf_config.save_pretrained(folder)
+    if get_family(family).causal or get_family(family).encoder_decoder:
+        decoder_start = hf_config.decoder_start_token_id if hf_config.is_encoder_decoder else None
+        generation_config(special_ids, decoder_start).save_pretrained(folder)
     save_file(fp32_cpu(target.hf_state_dict(model)), folder / "model.safetensors", metadata={"format": "pt"})
     for name, text in tokenizer_files.items():
         text = capped_max_length(text, model.config.max_positions) if name == "tokenizer_config.json" else text
@@ -164,12 +167,16 @@ def capped_max_length(tokenizer_config: str, max_positions: int) -> str:
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
-def generation_config(special_ids: dict[str, int | None]) -> transformers.GenerationConfig:
-    """Ids ``generate()`` needs: start (bos), stop (eos) and fill (pad)."""
+def generation_config(
+    special_ids: dict[str, int | None], decoder_start_token_id: int | None = None
+) -> transformers.GenerationConfig:
+    """Ids ``generate()`` needs: start (bos), stop (eos) and fill (pad), and for encoder-decoders
+    the decoder's first token (the family's HF config decides it: pad for T5, eos for BART)."""
     return transformers.GenerationConfig(
         bos_token_id=special_ids.get("bos"),
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
+        decoder_start_token_id=decoder_start_token_id,
     )
 
 
@@ -277,6 +284,9 @@ def verify_export(
     "eager", ...), feeds both models the same random ids, right-padded to rows of different
     lengths (see ``padded_batch``), and compares logits at the real tokens only. Both run in
     eval mode; ``model`` gets its training mode back afterwards.
+
+    Encoder-decoders get padded random encoder ids and, independently, padded random decoder
+    ids with a decoder attention mask; the logits are compared at the real decoder positions.
     """
     target = hf_target(family)
     model = unwrap(model)
@@ -284,18 +294,26 @@ def verify_export(
         hf_model = target.auto_class.from_pretrained(
             out_dir, dtype=torch.float32, attn_implementation=attn_implementation
         ).eval()
-    input_ids, attention_mask = padded_batch(model.config.vocab_size, batch, seq, seed)
+    vocab_size = model.config.vocab_size
+    input_ids, attention_mask = padded_batch(vocab_size, batch, seq, seed)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    compared = attention_mask
+    if get_family(family).encoder_decoder:
+        decoder_ids, decoder_mask = padded_batch(vocab_size, batch, seq, seed + 1)
+        inputs |= {"decoder_input_ids": decoder_ids, "decoder_attention_mask": decoder_mask}
+        compared = decoder_mask
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            hidden = model(input_ids.to(device), attention_mask.to(device))
+            hidden = model(*(tensor.to(device) for tensor in inputs.values()))
             ours = model.logits(hidden).float().cpu()
-            theirs = hf_model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+            hf_inputs = {name: t.long() if name.endswith("mask") else t for name, t in inputs.items()}
+            theirs = hf_model(**hf_inputs).logits
     finally:
         model.train(was_training)
-    return (ours - theirs)[attention_mask].abs().max().item()
+    return (ours - theirs)[compared].abs().max().item()
 
 
 def padded_batch(vocab_size: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,9 @@ Every model follows one contract, whatever its family:
 - ``model.logits(hidden (..., D)) -> (..., V)``: the LM or MLM head, on any subset of positions.
 - ``model.init_weights()`` (run at the end of ``__init__``) and ``model.num_params(...)``.
 - No registered buffers, no labels, no loss.
+
+Encoder-decoder families (``is_encoder_decoder = True``: t5, bart) replace ``forward`` with
+``encode`` / ``decode``; their contract is in ``models/seq2seq.py``.
 """
 
 from dataclasses import dataclass, fields
@@ -15,11 +18,12 @@ from typing import Literal
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.models import bert, gpt2, llama, modernbert
+from scratchlm.models import bert, gpt2, llama, modernbert, t5
 from scratchlm.models.bert import Bert, BertConfig
 from scratchlm.models.gpt2 import GPT2, GPT2Config
 from scratchlm.models.llama import Llama, LlamaConfig
 from scratchlm.models.modernbert import ModernBert, ModernBertCausal, ModernBertConfig
+from scratchlm.models.t5 import T5, T5Config
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,13 @@ class Family:
     """Size name -> config fields (all but ``vocab_size``)."""
     causal: bool
     """Whether position t sees only positions <= t."""
-    objective: Literal["mlm", "clm"]
+    objective: Literal["mlm", "clm", "span", "infill"]
     """The pre-training objective used when none is chosen."""
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether the model is an encoder-decoder (see ``models.seq2seq``)."""
+        return getattr(self.model, "is_encoder_decoder", False)
 
 
 FAMILIES: dict[str, Family] = {
@@ -55,6 +64,7 @@ FAMILIES: dict[str, Family] = {
         causal=ModernBertCausal.is_causal,
         objective="clm",
     ),
+    "t5": Family("t5", T5Config, T5, t5.PRESETS, causal=T5.is_causal, objective="span"),
 }
 
 
@@ -102,6 +112,8 @@ __all__ = [
     "ModernBert",
     "ModernBertCausal",
     "ModernBertConfig",
+    "T5",
+    "T5Config",
     "build_config",
     "build_model",
     "get_family",
