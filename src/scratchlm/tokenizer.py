@@ -10,6 +10,9 @@ the same ids as the raw ``tokenizers.Tokenizer``. The special tokens follow the 
 - ``gpt``: ``<|endoftext|>`` (end and beginning of text) and a separate ``<|pad|>``, so padding is
   never confused with the end of a document; ``<|unk|>`` only for models that can meet unknown text.
   Nothing is added to an encoding: a prompt given to ``generate()`` must not end with end-of-text.
+- ``t5``: ``<pad> </s> <unk>`` at ids 0..2 and no beginning-of-text token, every encoding closed by
+  ``</s>`` (as T5's encoder inputs are), and sentinels ``<extra_id_0>``, ``<extra_id_1>``, ... at the
+  top of the vocabulary, ``<extra_id_0>`` the highest id (see ``add_sentinels``).
 """
 
 from collections.abc import Iterator, Sequence
@@ -53,6 +56,10 @@ class Style:
     """Keep the unknown token for byte-level BPE, which can spell any text without it."""
     template: bool
     """Wrap every encoding as ``cls $A sep`` (pairs: ``cls $A sep $B sep``)."""
+    eos_suffix: bool = False
+    """Close every encoding with eos (``$A eos``; pairs ``$A eos $B eos``), as T5's tokenizer does."""
+    sentinels: int = 0
+    """Sentinel tokens added at the top of the vocabulary when none are asked for (span corruption)."""
 
 
 STYLES = {
@@ -67,12 +74,32 @@ STYLES = {
         unk_needed_by_bpe=False,
         template=False,
     ),
+    # BART's (RoBERTa's) ids: <s>=0, <pad>=1, </s>=2, <unk>=3, then <mask>; <s> and </s> double as
+    # cls and sep, and every encoding is <s> text </s>, as BART's encoder saw it in pre-training.
+    "bart": Style(
+        tokens=(
+            ("bos", "<s>"), ("cls", "<s>"), ("pad", "<pad>"), ("eos", "</s>"), ("sep", "</s>"),
+            ("unk", "<unk>"), ("mask", "<mask>"),
+        ),
+        unk_needed_by_bpe=True,  # BART tools expect <unk> at id 3
+        template=True,
+    ),
+    "t5": Style(
+        tokens=(("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>")),
+        unk_needed_by_bpe=True,  # T5 tools expect <unk> at id 2
+        template=False,
+        eos_suffix=True,
+        sentinels=100,  # as HF's T5 tokenizers (extra_ids=100)
+    ),
 }
 
-STYLE_OF_FAMILY = {"bert": "bert", "gpt2": "gpt", "llama": "gpt", "modernbert": "bert", "modernbert-causal": "gpt"}
+STYLE_OF_FAMILY = {"bart": "bart", "bert": "bert", "gpt2": "gpt", "llama": "gpt", "modernbert": "bert", "modernbert-causal": "gpt", "t5": "t5"}
 """Which special-token style each model family uses."""
 
-DEFAULT_KIND_OF_STYLE: dict[str, Kind] = {"bert": "wordpiece", "gpt": "bpe"}
+SENTINEL = "<extra_id_{}>"
+"""Text of sentinel i, as in HF's T5 tokenizers."""
+
+DEFAULT_KIND_OF_STYLE: dict[str, Kind] = {"bert": "wordpiece", "gpt": "bpe", "bart": "bpe", "t5": "unigram"}
 """The tokenizer model a style gets when none is asked for, as in the original models."""
 
 
@@ -168,6 +195,7 @@ def train_tokenizer(
     model_max_length: int = 1024,
     min_frequency: int = 2,
     errors: Literal["strict", "replace"] = "strict",
+    sentinels: int | None = None,
 ) -> Path:
     """Train a tokenizer on a corpus, streaming its documents, and write it to ``out_dir``.
 
@@ -183,6 +211,8 @@ def train_tokenizer(
         model_max_length: Longest input, in tokens, that the saved tokenizer announces.
         min_frequency: Fewest occurrences a merge or word piece needs (bpe, wordpiece).
         errors: What to do with bytes that are not UTF-8: stop (strict) or use U+FFFD (replace).
+        sentinels: Sentinel tokens for span corruption, ``<extra_id_0>`` at the highest id
+            (counted in ``vocab_size``); None for the style's default (100 for t5, else 0).
 
     Returns:
         ``out_dir`` as a Path.
@@ -196,15 +226,43 @@ def train_tokenizer(
         raise ScratchLMError(f"kind={kind!r}: unknown tokenizer kind; choose one of {sorted(BUILDERS)}")
     roles = style_tokens(style, kind)
     specials = added_tokens(roles)
-    check_vocab_size(vocab_size, kind, len(specials))
+    sentinels = style.sentinels if sentinels is None else sentinels
+    check_sentinels(sentinels)
+    check_vocab_size(vocab_size, kind, len(specials) + sentinels)
     sources = resolve_sources(paths)
     first_document(sources, text_field=text_field, errors=errors)  # fail before training, not after
-    tokenizer, trainer = BUILDERS[kind](vocab_size, min_frequency, specials, roles.get("unk"))
+    tokenizer, trainer = BUILDERS[kind](vocab_size - sentinels, min_frequency, specials, roles.get("unk"))
     tokenizer.train_from_iterator(text_batches(sources, text_field, errors), trainer=trainer)
+    add_sentinels(tokenizer, sentinels)
     if style.template:
         tokenizer.post_processor = template(tokenizer, roles["cls"], roles["sep"])
+    if style.eos_suffix:
+        tokenizer.post_processor = eos_template(tokenizer, roles["eos"])
     files = tokenizer_files(tokenizer, roles, model_max_length)
     return replace_dir(files, Path(out_dir))
+
+
+def check_sentinels(sentinels: int) -> None:
+    if isinstance(sentinels, bool) or not isinstance(sentinels, int) or sentinels < 0:
+        raise ScratchLMError(f"sentinels={sentinels!r}: must be a whole number, 0 or more (T5 uses 100)")
+
+
+def add_sentinels(tokenizer: Tokenizer, count: int) -> None:
+    """Add ``<extra_id_{count-1}>`` ... ``<extra_id_0>`` after the trained vocabulary, in that
+    order, so that ``<extra_id_0>`` has the highest id and sentinel i has id V-1-i, as in HF's T5
+    tokenizers (span corruption numbers the masked spans from there, counting down). Each is one
+    special token that swallows the space before it, so "a <extra_id_0> b" splits as T5's
+    SentencePiece does: "▁a", "<extra_id_0>", "▁b"."""
+    tokenizer.add_special_tokens(
+        [AddedToken(SENTINEL.format(i), special=True, lstrip=True, normalized=False) for i in reversed(range(count))]
+    )
+
+
+def eos_template(tokenizer: Tokenizer, eos: str) -> processors.TemplateProcessing:
+    """T5's wrapping: ``A </s>``, and ``A </s> B </s>`` with B as segment 1."""
+    return processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.token_to_id(eos))]
+    )
 
 
 def check_vocab_size(vocab_size: int, kind: Kind, n_specials: int) -> None:

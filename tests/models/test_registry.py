@@ -44,7 +44,7 @@ def test_overrides_apply_and_round_trip():
 
 
 def test_unknown_family_is_named_with_the_choices():
-    with pytest.raises(ScratchLMError, match=r"'llama2'.*\['bert', 'gpt2', 'llama'"):
+    with pytest.raises(ScratchLMError, match=r"'llama2'.*\['bart', 'bert', 'gpt2', 'llama'"):
         build_config("llama2", vocab_size=100)
 
 

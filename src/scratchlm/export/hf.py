@@ -20,7 +20,7 @@ from torch import nn
 import transformers
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.export import bert, gpt2, llama, modernbert, t5
+from scratchlm.export import bart, bert, gpt2, llama, modernbert, t5
 from scratchlm.export.card import model_card
 from scratchlm.models import get_family
 
@@ -46,6 +46,7 @@ class HFTarget:
 
 
 TARGETS: dict[str, HFTarget] = {
+    "bart": HFTarget(bart.HF_CLASS, bart.AUTO_CLASS, bart.hf_config, bart.hf_state_dict),
     "bert": HFTarget(bert.HF_CLASS, bert.AUTO_CLASS, bert.hf_config, bert.hf_state_dict),
     "gpt2": HFTarget(gpt2.HF_CLASS, gpt2.AUTO_CLASS, gpt2.hf_config, gpt2.hf_state_dict),
     "llama": HFTarget(llama.HF_CLASS, llama.AUTO_CLASS, llama.hf_config, llama.hf_state_dict),

@@ -18,7 +18,8 @@ from typing import Literal
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.models import bert, gpt2, llama, modernbert, t5
+from scratchlm.models import bart, bert, gpt2, llama, modernbert, t5
+from scratchlm.models.bart import Bart, BartConfig
 from scratchlm.models.bert import Bert, BertConfig
 from scratchlm.models.gpt2 import GPT2, GPT2Config
 from scratchlm.models.llama import Llama, LlamaConfig
@@ -50,6 +51,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
+    "bart": Family("bart", BartConfig, Bart, bart.PRESETS, causal=Bart.is_causal, objective="infill"),
     "bert": Family("bert", BertConfig, Bert, bert.PRESETS, causal=Bert.is_causal, objective="mlm"),
     "gpt2": Family("gpt2", GPT2Config, GPT2, gpt2.PRESETS, causal=GPT2.is_causal, objective="clm"),
     "llama": Family("llama", LlamaConfig, Llama, llama.PRESETS, causal=Llama.is_causal, objective="clm"),
@@ -103,6 +105,8 @@ def build_model(family: str, config) -> nn.Module:
 __all__ = [
     "FAMILIES",
     "GPT2",
+    "Bart",
+    "BartConfig",
     "Bert",
     "BertConfig",
     "Family",

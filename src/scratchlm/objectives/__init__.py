@@ -13,9 +13,10 @@ Every objective has the same two-part contract:
 
 from scratchlm.objectives.batch import IGNORE_INDEX
 from scratchlm.objectives.clm import CausalLM
+from scratchlm.objectives.infill import InfillConfig, TextInfilling
 from scratchlm.objectives.mlm import MaskedLM, MaskingConfig
 
-OBJECTIVES = {"mlm": MaskedLM, "clm": CausalLM}
+OBJECTIVES = {"mlm": MaskedLM, "clm": CausalLM, "infill": TextInfilling}
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "MaskedLM", "MaskingConfig"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "InfillConfig", "MaskedLM", "MaskingConfig", "TextInfilling"]
 
