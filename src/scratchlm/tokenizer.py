@@ -13,6 +13,8 @@ the same ids as the raw ``tokenizers.Tokenizer``. The special tokens follow the 
 - ``t5``: ``<pad> </s> <unk>`` at ids 0..2 and no beginning-of-text token, every encoding closed by
   ``</s>`` (as T5's encoder inputs are), and sentinels ``<extra_id_0>``, ``<extra_id_1>``, ... at the
   top of the vocabulary, ``<extra_id_0>`` the highest id (see ``add_sentinels``).
+- ``bart``: ``<s> <pad> </s> <unk> <mask>`` at ids 0..4 (RoBERTa's order), and every encoding is
+  wrapped as ``<s> text </s>``; ``</s>`` closes each packed document and starts the decoder.
 """
 
 from collections.abc import Iterator, Sequence
