@@ -158,7 +158,8 @@ def test_weights_are_written_split_and_the_embedding_once(exported):
         positions = f.get_tensor("model.decoder.embed_positions.weight")
     assert "lm_head.weight" not in shapes and not [n for n in shapes if "embed_tokens" in n]
     assert shapes["model.shared.weight"] == (VOCAB, 128)
-    assert shapes["model.encoder.embed_positions.weight"] == shapes["model.decoder.embed_positions.weight"] == (258, 128)
+    for stack in ("encoder", "decoder"):
+        assert shapes[f"model.{stack}.embed_positions.weight"] == (2 + 256, 128)  # HF's offset of 2
     assert (positions[:2] == 0).all()
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         assert shapes[f"model.decoder.layers.1.encoder_attn.{name}.weight"] == (128, 128)

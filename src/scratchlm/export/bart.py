@@ -66,7 +66,8 @@ def name_map(config: BartConfig) -> dict[str, str | tuple[str, ...]]:
         for i in range(n_blocks):
             for ours, theirs in block_map.items():
                 hf = f"{hf_prefix}.{i}."
-                names[f"{ours_prefix}.{i}.{ours}"] = tuple(hf + t for t in theirs) if isinstance(theirs, tuple) else hf + theirs
+                split = isinstance(theirs, tuple)
+                names[f"{ours_prefix}.{i}.{ours}"] = tuple(hf + t for t in theirs) if split else hf + theirs
     return names
 
 
