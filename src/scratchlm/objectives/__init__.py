@@ -15,8 +15,9 @@ from scratchlm.objectives.batch import IGNORE_INDEX
 from scratchlm.objectives.clm import CausalLM
 from scratchlm.objectives.infill import InfillConfig, TextInfilling
 from scratchlm.objectives.mlm import MaskedLM, MaskingConfig
+from scratchlm.objectives.span import SpanConfig, SpanCorruption
 
-OBJECTIVES = {"mlm": MaskedLM, "clm": CausalLM, "infill": TextInfilling}
+OBJECTIVES = {"mlm": MaskedLM, "clm": CausalLM, "infill": TextInfilling, "span": SpanCorruption}
 
-__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "InfillConfig", "MaskedLM", "MaskingConfig", "TextInfilling"]
+__all__ = ["IGNORE_INDEX", "OBJECTIVES", "CausalLM", "InfillConfig", "MaskedLM", "MaskingConfig", "SpanConfig", "SpanCorruption", "TextInfilling"]
 
