@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from scratchlm.compare import compare
 from scratchlm.data import TextDataModule
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import verify_export
@@ -166,7 +167,7 @@ def export(argv: list[str]) -> None:
     print(path.resolve())
 
 
-COMMANDS = {"fit": fit, "tokenizer": tokenizer, "export": export}
+COMMANDS = {"fit": fit, "tokenizer": tokenizer, "export": export, "compare": compare}
 
 
 def user_message(error: ScratchLMError) -> str:

@@ -1,0 +1,187 @@
+"""``scratchlm compare``: the command line, and the comparison it runs, as a table of contents.
+
+    scratchlm compare --config recipes/compare/mlm-vs-clm-tiny.yaml --out runs/compare [--seeds 3]
+        [--budget.tokens N | --budget.flops X | --budget.minutes M] [--data.paths ...]
+        [--probe.data FILE --probe.text_field text --probe.label_field label]
+
+Flags come from the dataclasses of ``compare.config`` (jsonargparse, as ``scratchlm fit``'s
+LightningCLI); the recipe's keys are the same.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+import sys
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+import torch
+
+from scratchlm.compare.arms import ArmRun, ArmSize, arm_size, seconds_per_step, steps_for_budget, train_arm
+from scratchlm.compare.config import Arm, CompareConfig, default_arms
+from scratchlm.compare.evaluate import HeldOut, evaluate_arm, load_held_out
+from scratchlm.compare.probe import probe_device, run_probes
+from scratchlm.compare.probe_data import ProbeSet, load_probe_set
+from scratchlm.compare.report import build_metrics, versions, write_metrics, write_report
+from scratchlm.data import describe_sources, resolve_sources
+from scratchlm.errors import ScratchLMError
+from scratchlm.tokenizer import TokenizerInfo, train_tokenizer
+from scratchlm.training import TrainedModel
+
+TOKENIZER_STYLE = "modernbert"
+"""Whose special tokens the shared tokenizer gets: BERT-style ([CLS] [SEP] [MASK] [PAD]), which
+every arm can use; MLM needs the mask token, and the causal arms read [SEP] as end of text."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="scratchlm compare",
+        description="Pre-train several arms (MLM, causal LM) on the same tokens to the same budget; report.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a recipe, e.g. recipes/compare/mlm-vs-clm-tiny.yaml")
+    parser.add_class_arguments(CompareConfig, None)
+    # Defaults as plain data, so that the recipe written into the report spells them out.
+    parser.set_defaults(arms=[asdict(arm) for arm in default_arms()])
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[CompareConfig, str]:
+    """The config, and the resolved recipe as YAML (for the report)."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    recipe = parser.dump(namespace, skip_none=False)
+    init = parser.instantiate(namespace)
+    fields = {name: init[name] for name in CompareConfig.__dataclass_fields__}
+    return CompareConfig(**fields), recipe
+
+
+def compare(argv: list[str]) -> None:
+    config, recipe = parse(argv)
+    report = run_comparison(config, recipe)
+    print(report.resolve(), flush=True)
+
+
+def say(message: str) -> None:
+    print(f"[compare] {message}", file=sys.stderr, flush=True)
+
+
+# --- the comparison --------------------------------------------------------------------------------
+
+
+def run_comparison(config: CompareConfig, recipe: str = "") -> Path:
+    """Train every arm for every seed, evaluate, probe, and write the report into ``config.out``.
+    Returns the path of ``report.md``."""
+    config.check()
+    out = prepare_out(Path(config.out), config.overwrite)
+    probe_set = load_probe_set(config.probe)  # a bad probe file stops before any training
+    tokenizer = shared_tokenizer(config, out)
+    info = TokenizerInfo.load(tokenizer)
+    held_out = load_held_out(config.data, info, config.eval)
+    sizes = {arm.name: arm_size(arm, config, tokenizer) for arm in config.arms}
+    steps = budget_steps(config, tokenizer, sizes)
+    if torch.cuda.is_available() and config.train.accelerator != "cpu":
+        torch.set_float32_matmul_precision("high")
+    context = run_context(config, info, held_out, probe_set)
+    results = {arm.name: arm_entry(arm, sizes[arm.name]) for arm in config.arms}
+    for seed in range(config.seeds):
+        for arm in config.arms:
+            say(f"seed {seed}, arm {arm.name} ({arm.family}, {arm.objective_name}): {steps[arm.name]} steps")
+            run = train_arm(arm, config, tokenizer, seed, steps[arm.name], sizes[arm.name].flops)
+            results[arm.name]["runs"].append(measure(run, arm.objective_name, config, out, seed, arm.name, held_out, info, probe_set))
+            write_metrics(out / "metrics.json", build_metrics(results, context))  # partial results survive a crash
+    report = write_report(out, build_metrics(results, context), recipe)
+    write_metrics(out / "metrics.json", build_metrics(results, context))
+    return report
+
+
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ScratchLMError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ScratchLMError(f"--out {out} is not empty; pass --overwrite true or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def shared_tokenizer(config: CompareConfig, out: Path) -> str:
+    """The tokenizer every arm uses: the one given, or one trained once on the corpus."""
+    if config.data.tokenizer is not None:
+        info = TokenizerInfo.load(config.data.tokenizer)
+        if info.mask_id is None and any(arm.objective_name == "mlm" for arm in config.arms):
+            raise ScratchLMError(
+                f"--data.tokenizer {config.data.tokenizer} has no mask token, which the MLM arms need; train one "
+                "with BERT-style specials (scratchlm tokenizer train --family modernbert ...)"
+            )
+        return config.data.tokenizer
+    say(f"training a {config.tokenizer.kind} tokenizer ({config.tokenizer.vocab_size} tokens) on the corpus")
+    path = train_tokenizer(
+        config.data.paths, out / "tokenizer", kind=config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
+        family=TOKENIZER_STYLE, text_field=config.data.text_field, errors=config.data.errors,
+    )
+    return str(path)
+
+
+def budget_steps(config: CompareConfig, tokenizer: str, sizes: dict[str, ArmSize]) -> dict[str, int]:
+    tokens_per_step = config.data.batch_size * config.data.block_size
+    steps = {}
+    for arm in config.arms:
+        seconds = seconds_per_step(arm, config, tokenizer) if config.budget.minutes is not None else None
+        steps[arm.name] = steps_for_budget(config.budget, sizes[arm.name].flops, tokens_per_step, seconds)
+    return steps
+
+
+def run_context(config: CompareConfig, info: TokenizerInfo, held_out: HeldOut, probe_set: ProbeSet) -> dict[str, Any]:
+    """What every arm shares, for metrics.json and the report."""
+    budget = {k: v for k, v in asdict(config.budget).items() if v is not None}
+    return {
+        "corpus": describe_sources(resolve_sources(config.data.paths)),
+        "tokenizer": {"path": info.path, "kind": config.tokenizer.kind if config.data.tokenizer is None else "given",
+                      "vocab_size": info.vocab_size},
+        "budget": ", ".join(f"{v:g} {k}" for k, v in budget.items()),
+        "seeds": config.seeds,
+        "block_size": config.data.block_size,
+        "batch_size": config.data.batch_size,
+        "eval": {"documents": len(held_out.texts), "doc_tokens": config.eval.doc_tokens, "tokens": held_out.n_tokens,
+                 "bytes": held_out.n_bytes, "window": held_out.window},
+        "probe": {"source": probe_set.source, "labels": probe_set.labels, "train": len(probe_set.train),
+                  "test": len(probe_set.test), "majority_label": probe_set.majority_label,
+                  "majority_rate": probe_set.majority_rate},
+        "versions": versions(),
+    }
+
+
+def arm_entry(arm: Arm, size: ArmSize) -> dict[str, Any]:
+    return {
+        "family": arm.family,
+        "objective": arm.objective_name,
+        "params": size.params,
+        "params_non_embedding": size.params_non_embedding,
+        "flops_per_token": size.flops.per_token,
+        "flop_count": {**asdict(size.flops), "attention": size.flops.attention},
+        "runs": [],
+    }
+
+
+def measure(run: ArmRun, objective: str, config: CompareConfig, out: Path, seed: int, name: str,
+            held_out: HeldOut, info: TokenizerInfo, probe_set: ProbeSet) -> dict[str, Any]:
+    """Export one trained arm, score it on the held-out text and probe its export."""
+    folder = TrainedModel.from_module(run.module).export(out / "arms" / name / f"seed{seed}" / "hf", overwrite=True)
+    device = probe_device(config.train.accelerator)
+    model = run.module.model.to(device)
+    say(f"seed {seed}, arm {name}: held-out evaluation ({held_out.n_tokens} tokens)")
+    metrics = evaluate_arm(model, objective, held_out, info, config.eval)
+    metrics["val_loss"] = run.curve[-1].val_loss
+    model.cpu()
+    say(f"seed {seed}, arm {name}: probe ({len(probe_set.train)} training examples)")
+    metrics.update(run_probes(folder, probe_set, config.probe, seed, device))
+    say(f"seed {seed}, arm {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return {
+        "seed": seed,
+        "steps": run.steps,
+        "tokens": run.tokens,
+        "flops": run.flops,
+        "train_seconds": run.train_seconds,
+        "tokens_per_second": run.tokens_per_second,
+        "hf": str(folder),
+        "curve": [asdict(point) for point in run.curve],
+        "metrics": metrics,
+    }

@@ -1,0 +1,111 @@
+"""The arms: FLOPs counted from the model, budgets turned into steps, one token stream for all."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from scratchlm.compare.arms import build_datamodule, build_module, flop_count, head_parameters, steps_for_budget
+from scratchlm.compare.config import Arm, Budget, CompareConfig, DataSpec, ModelSpec
+from scratchlm.errors import ScratchLMError
+from scratchlm.models import build_config, build_model
+
+T = 32
+
+
+def tiny(family: str, vocab_size: int = 500):
+    config = build_config(family, "tiny", vocab_size=vocab_size, n_layers=2, d_model=32, n_heads=2, d_ff=64)
+    return build_model(family, config)
+
+
+def measured_forward_flops_per_token(model, length: int) -> float:
+    """Matmul FLOPs of one forward pass with the head on every position, as torch counts them.
+    Attention runs on the math backend, whose matmuls the counter sees (it skips fused kernels)."""
+    ids = torch.randint(10, 400, (1, length))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.logits(model(ids))
+    return counter.get_total_flops() / length
+
+
+@pytest.mark.parametrize("family", ["modernbert", "modernbert-causal", "bert", "gpt2"])
+def test_flop_formula_matches_what_torch_counts(family):
+    model = tiny(family)
+    count = flop_count(model, "clm", T, mask_rate=0.15)  # clm: the head on every position, as measured
+    # The training formula is 3x the forward one (backward costs twice the forward).
+    formula_forward = count.per_token / 3
+    measured = measured_forward_flops_per_token(model, T)
+    # Norms, biases and activations are parameters or work that matmul counting leaves out.
+    assert formula_forward == pytest.approx(measured, rel=0.05)
+
+
+def test_the_mlm_head_counts_only_on_masked_positions():
+    model = tiny("modernbert")
+    clm = flop_count(model, "clm", T, mask_rate=0.3)
+    mlm = flop_count(model, "mlm", T, mask_rate=0.3)
+    assert mlm.body == clm.body and mlm.head == clm.head
+    assert clm.per_token - mlm.per_token == pytest.approx(6 * 0.7 * clm.head)
+
+
+def test_head_parameters_include_the_tied_output_matrix():
+    gpt2 = tiny("gpt2")
+    assert [p.shape for p in head_parameters(gpt2)] == [gpt2.tok_emb.weight.shape]  # (V, D), tied
+    modernbert = tiny("modernbert")
+    head = head_parameters(modernbert)
+    assert any(p is modernbert.tok_emb.weight for p in head)
+    assert not any(p is block_param for block_param in modernbert.blocks.parameters() for p in head)
+
+
+def test_budgets_turn_into_whole_steps():
+    count = flop_count(tiny("gpt2"), "clm", T, 0.15)
+    per_step = 8 * T
+    assert steps_for_budget(Budget(tokens=1000), count, per_step, None) == math.ceil(1000 / per_step)
+    flops = 10 * per_step * count.per_token
+    assert steps_for_budget(Budget(flops=flops), count, per_step, None) == 10
+    assert steps_for_budget(Budget(minutes=0.5), count, per_step, step_seconds=0.1) == 300
+    assert steps_for_budget(Budget(tokens=1), count, per_step, None) == 1
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [(Budget(), "no budget"), (Budget(tokens=10, flops=1e9), "several budgets"), (Budget(minutes=-1), "budget.minutes")],
+)
+def test_a_budget_must_be_exactly_one_positive_number(budget, message):
+    with pytest.raises(ScratchLMError, match=message):
+        budget.check()
+
+
+def config_for(tokenizer: str) -> CompareConfig:
+    return CompareConfig(
+        out="unused",
+        model=ModelSpec(arch={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64}),
+        data=DataSpec(tokenizer=tokenizer, block_size=T, batch_size=4),
+        budget=Budget(tokens=1000),
+    )
+
+
+def test_twin_arms_start_from_the_same_weights(bert_style_tokenizer):
+    config = config_for(bert_style_tokenizer)
+    encoder = build_module(Arm("mlm", "modernbert"), config, bert_style_tokenizer, seed=3).model
+    decoder = build_module(Arm("clm", "modernbert-causal"), config, bert_style_tokenizer, seed=3).model
+    other_seed = build_module(Arm("clm", "modernbert-causal"), config, bert_style_tokenizer, seed=4).model
+    ours, theirs, other = encoder.state_dict(), decoder.state_dict(), other_seed.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not all(torch.equal(ours[k], other[k]) for k in ours)
+
+
+def test_every_arm_of_a_seed_reads_the_same_blocks_in_the_same_order(bert_style_tokenizer):
+    config = config_for(bert_style_tokenizer)
+
+    def first_blocks(seed: int) -> list[np.ndarray]:
+        stream = build_datamodule(config, bert_style_tokenizer, seed)
+        stream.setup("fit")
+        return [b["input_ids"] for b in itertools.islice(stream.train_dataloader().dataset, 12)]
+
+    mlm_arm, clm_arm, next_seed = first_blocks(0), first_blocks(0), first_blocks(1)
+    assert all(np.array_equal(a, b) for a, b in zip(mlm_arm, clm_arm))
+    assert not all(np.array_equal(a, b) for a, b in zip(mlm_arm, next_seed))  # seeds reorder the stream

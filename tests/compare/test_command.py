@@ -1,0 +1,106 @@
+"""``scratchlm compare`` end to end on the tiny recipe (built-in corpus, a very small budget), the
+shipped compare recipes, and bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from runs import RECIPES
+from scratchlm.cli import main
+from scratchlm.compare.command import parse
+
+COMPARE_RECIPES = sorted((RECIPES / "compare").glob("*.yaml"))
+
+# The tiny recipe made tinier: a 1-layer model, a few dozen steps, a small probe; two seeds so the
+# report has spreads.
+TINIER = [
+    "--budget.tokens", "6000",
+    "--seeds", "2",
+    "--model.arch", "{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64, local_window: 16}",
+    "--model.optim.warmup_steps", "5",
+    "--tokenizer.vocab_size", "400",
+    "--data.block_size", "32",
+    "--data.batch_size", "8",
+    "--train.curve_points", "3",
+    "--train.val_batches", "2",
+    "--eval.documents", "3",
+    "--eval.doc_tokens", "40",
+    "--probe.max_train", "96",
+    "--probe.max_test", "48",
+    "--probe.max_length", "32",
+    "--probe.epochs", "1",
+]
+
+
+def compare(*args: str) -> None:
+    main(["compare", "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), *args])
+
+
+@pytest.mark.parametrize("recipe", [p.name for p in COMPARE_RECIPES])
+def test_every_compare_recipe_parses(recipe, tmp_path):
+    text = (RECIPES / "compare" / recipe).read_text()
+    assert text.startswith("#"), "a recipe opens with a comment: what it compares, what it should show"
+    config, dumped = parse(["--config", str(RECIPES / "compare" / recipe), "--out", str(tmp_path)])
+    config.check()  # a budget, two arms or more, sane settings
+    assert len(config.arms) >= 2 and "budget:" in dumped
+
+
+def test_the_tiny_comparison_writes_its_report_metrics_and_plots(tmp_path, capsys):
+    out = tmp_path / "compare"
+    compare("--out", str(out), *TINIER)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str((out / "report.md").resolve())
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["arms"]) == ["mlm", "clm"]
+    for name, arm in metrics["arms"].items():
+        assert len(arm["runs"]) == 2 and [r["seed"] for r in arm["runs"]] == [0, 1]
+        for run in arm["runs"]:
+            assert run["tokens"] == 24 * 8 * 32  # ceil(6000 / 256) steps of 8 x 32 tokens, for every arm
+            assert len(run["curve"]) >= 2 and run["curve"][-1]["tokens"] == run["tokens"]
+            assert math.isfinite(run["metrics"]["bits_per_byte"])
+            assert run["metrics"]["eval_bytes"] == metrics["eval"]["bytes"]  # the same bytes for every arm
+            assert (Path(run["hf"]) / "model.safetensors").is_file()
+        assert arm["summary"]["bits_per_byte"]["std"] is not None
+    assert "mlm_accuracy" in metrics["arms"]["mlm"]["summary"] and "perplexity" in metrics["arms"]["clm"]["summary"]
+    assert {w["metric"] for w in metrics["winners"]} >= {"bits_per_byte", "finetune_accuracy", "linear_accuracy"}
+
+    report = (out / "report.md").read_text()
+    for name in ("loss_vs_tokens.png", "loss_vs_flops.png", "probe_accuracy.png", "bits_per_byte.png"):
+        assert (out / name).stat().st_size > 1000 and f"({name})" in report
+    bpb = metrics["arms"]["clm"]["summary"]["bits_per_byte"]
+    assert f"{bpb['mean']:.3f} ± {bpb['std']:.3f}" in report
+    assert f"{metrics['probe']['majority_rate']:.3f}" in report
+    assert "| mlm | modernbert | mlm |" in report and "| clm | modernbert-causal | clm |" in report
+    assert "tokens: 6000" in report  # the recipe as run
+
+
+def error_of(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", *args])
+    assert exit_info.value.code == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("scratchlm: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_no_budget_is_one_clear_error(tmp_path, capsys):
+    message = error_of(capsys, "--out", str(tmp_path / "out"))
+    assert "no budget" in message and "--budget.tokens" in message
+
+
+def test_a_missing_probe_file_or_label_field_is_one_clear_error(tmp_path, capsys):
+    tiny = str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml")
+    message = error_of(capsys, "--config", tiny, "--out", str(tmp_path / "a"), "--probe.data", str(tmp_path / "none.jsonl"))
+    assert "none.jsonl does not exist" in message
+    labeled = tmp_path / "topics.jsonl"
+    labeled.write_text(json.dumps({"text": "a document", "topic": "x"}) + "\n")
+    message = error_of(capsys, "--config", tiny, "--out", str(tmp_path / "b"), "--probe.data", str(labeled))
+    assert "topics.jsonl:1" in message and "'label'" in message and "--probe.label_field" in message
+
+
+def test_a_non_empty_out_folder_needs_overwrite(tmp_path, capsys):
+    (tmp_path / "old.txt").write_text("keep me")
+    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(tmp_path))
+    assert str(tmp_path) in message and "--overwrite" in message
