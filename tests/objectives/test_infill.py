@@ -227,6 +227,17 @@ def test_sentence_permutation_keeps_every_sentence_inside_its_document():
     assert reordered > 40  # 6! and 4! orders: almost every draw changes something
 
 
+def test_sentences_never_cross_a_document_boundary_without_special_tokens():
+    """Blocks cut mid-document, or text without <s> and </s>: the document ids alone part the runs."""
+    objective = TextInfilling(info())
+    ids = np.array([11, FULL_STOP, 12, FULL_STOP, 13, FULL_STOP, 21, BANG, 22, BANG, 23, BANG])
+    docs = np.array([0] * 6 + [1] * 6)
+    outs = {tuple(objective.permute_sentences(ids, docs, np.random.default_rng(seed))) for seed in range(30)}
+    assert len(outs) > 10
+    for out in outs:
+        assert set(out[:6]) == {11, 12, 13, FULL_STOP} and set(out[6:]) == {21, 22, 23, BANG}
+
+
 def test_collate_permutes_then_masks():
     """Through the whole collate: the masks hide the set share of the ordinary tokens, and what
     survives is the original's tokens, with the document boundaries in place."""

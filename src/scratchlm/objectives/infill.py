@@ -122,11 +122,10 @@ class TextInfilling:
         ordinary = ~np.isin(text, self.special_ids)
         starts = ordinary.copy()
         starts[1:] &= ~ordinary[:-1] | (docs[1:] != docs[:-1])  # where a run of one document's text begins
+        continues = np.zeros_like(ordinary)
+        continues[:-1] = ordinary[1:] & ~starts[1:]  # the next token belongs to the same run
         out = text.copy()
-        for start in np.flatnonzero(starts):
-            stop = start + 1
-            while stop < len(text) and ordinary[stop] and docs[stop] == docs[start]:
-                stop += 1
+        for start, stop in zip(np.flatnonzero(starts), np.flatnonzero(ordinary & ~continues) + 1):
             run = text[start:stop]
             ends = np.flatnonzero(np.isin(run, self.sentence_end_ids)) + 1  # a sentence ends after its end token
             sentences = np.split(run, ends[ends < len(run)])
