@@ -35,9 +35,13 @@ class TokenizerSpec:
     """The tokenizer ``fit`` trains on the corpus when ``--data.tokenizer`` is not given."""
 
     kind: Literal["bpe", "wordpiece", "unigram"] | None = None
-    """Tokenizer model; the family's default (wordpiece for bert, byte-level bpe for gpt2) when unset."""
+    """Tokenizer model; the family's default (wordpiece for bert, byte-level bpe for gpt2, unigram
+    for t5) when unset."""
     vocab_size: int = 8192
-    """Vocabulary size, special tokens included."""
+    """Vocabulary size, special tokens and sentinels included."""
+    sentinels: int | None = None
+    """Sentinel tokens <extra_id_0..N-1> at the top of the vocabulary, for span corruption; the
+    family's default when unset (100 for t5, none for the others)."""
 
 
 class FitCLI(LightningCLI):
@@ -71,6 +75,7 @@ class FitCLI(LightningCLI):
                 kind=spec.kind,
                 vocab_size=spec.vocab_size,
                 family=config.model.family,
+                sentinels=spec.sentinels,
                 text_field=config.data.text_field,
                 errors=config.data.errors,
             )
@@ -123,7 +128,11 @@ def tokenizer(argv: list[str]) -> None:
     train.add_argument("--data", nargs="+", default=None, help="files, folders or globs (default: the built-in corpus)")
     train.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], default=None, help="default: the family's")
     train.add_argument("--vocab-size", type=int, default=8192)
-    train.add_argument("--family", default="gpt2", help="whose special tokens to add (bert, gpt2)")
+    train.add_argument("--family", default="gpt2", help="whose special tokens to add (bert, gpt2, llama, t5, bart, ...)")
+    train.add_argument(
+        "--sentinels", type=int, default=None,
+        help="span-corruption sentinels <extra_id_0..N-1> at the top of the vocabulary (default: 100 for t5, else 0)",
+    )
     train.add_argument("--text-field", default="text", help="field of JSONL/parquet records holding the text")
     train.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
     train.add_argument("--out", required=True, help="folder to write; loads with AutoTokenizer.from_pretrained")
@@ -136,6 +145,7 @@ def tokenizer(argv: list[str]) -> None:
         family=args.family,
         text_field=args.text_field,
         model_max_length=args.max_length,
+        sentinels=args.sentinels,
     )
     print(Path(out).resolve())
 

@@ -11,12 +11,15 @@ import torch
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models import FAMILIES, build_config, build_model
-from scratchlm.objectives import OBJECTIVES, MaskedLM, MaskingConfig
+from scratchlm.objectives import OBJECTIVES, InfillConfig, MaskedLM, MaskingConfig, SpanConfig
 from scratchlm.tokenizer import TokenizerInfo
 from scratchlm.training.optim import OptimConfig, build_optimizer
 
 CHECKPOINT_KEY = "scratchlm"
 """Where our own record lives inside a Lightning checkpoint (see ``on_save_checkpoint``)."""
+
+SEQ2SEQ_OBJECTIVES = ("span", "infill")
+"""Objectives of encoder-decoder families (``Family.encoder_decoder``); the others are theirs alone."""
 
 RNG_KEY = "scratchlm_rng"
 """Where the generators' states live inside a Lightning checkpoint, which keeps none of its own."""
@@ -51,8 +54,10 @@ class PretrainModule(L.LightningModule):
         family: str = "gpt2",
         size: str = "tiny",
         arch: dict[str, Any] | None = None,
-        objective: Literal["mlm", "clm"] | None = None,
+        objective: Literal["mlm", "clm", "span", "infill"] | None = None,
         masking: MaskingConfig | None = None,
+        span: SpanConfig | None = None,
+        infill: InfillConfig | None = None,
         document_masks: bool = False,
         optim: OptimConfig | None = None,
         max_bad_steps: int = 20,
@@ -61,11 +66,14 @@ class PretrainModule(L.LightningModule):
         Args:
             tokenizer: Trained tokenizer folder (from ``scratchlm tokenizer train``); the model's
                 vocabulary size and special tokens come from it.
-            family: Model family: bert or gpt2.
+            family: Model family: bert, gpt2, llama, modernbert, modernbert-causal, t5 or bart.
             size: Preset of the family: tiny, small or base.
             arch: Overrides of preset fields, e.g. ``{n_layers: 2, d_model: 64}``.
-            objective: mlm or clm; the family's default when unset.
+            objective: mlm or clm (encoders and decoders), span or infill (encoder-decoders);
+                the family's default when unset.
             masking: MLM masking: rates, 80/10/10 split, whole words, fixed count (mlm only).
+            span: T5 span corruption: noise density and mean span length (span only).
+            infill: BART text infilling and sentence permutation (infill only).
             document_masks: Keep attention inside each packed document (block-diagonal, plus
                 causal for decoders), with positions restarting per document where the family
                 supports it; otherwise packed documents see each other, as in GPT-2 and BERT.
@@ -83,7 +91,9 @@ class PretrainModule(L.LightningModule):
         self.family = family
         config = build_config(family, size, vocab_size=self.tokenizer_info.vocab_size, **(arch or {}))
         self.model = build_model(family, config)
-        self.objective = self._build_objective(objective or FAMILIES[family].objective, masking, document_masks)
+        self.objective = self._build_objective(
+            objective or FAMILIES[family].objective, masking, document_masks, {"span": span, "infill": infill}
+        )
         self.optim = optim or OptimConfig()
         self.tokens_seen = 0
         self.max_bad_steps = max_bad_steps
@@ -91,9 +101,24 @@ class PretrainModule(L.LightningModule):
         self.skipped_steps = 0
         self._val_sum = self._val_count = None
 
-    def _build_objective(self, name: str, masking: MaskingConfig | None, document_masks: bool):
+    def _build_objective(
+        self, name: str, masking: MaskingConfig | None, document_masks: bool, seq2seq_configs: dict[str, Any]
+    ):
         if name not in OBJECTIVES:
             raise ScratchLMError(f"model.objective={name!r}: unknown; choose one of {sorted(OBJECTIVES)}")
+        encoder_decoder = FAMILIES[self.family].encoder_decoder
+        if (name in SEQ2SEQ_OBJECTIVES) != encoder_decoder:
+            raise ScratchLMError(
+                f"model.objective={name} does not fit model.family={self.family}: encoder-decoders (t5, "
+                "bart) train with span or infill, encoders and decoders with mlm or clm"
+            )
+        if encoder_decoder:
+            if document_masks:
+                raise ScratchLMError(
+                    f"model.document_masks is not supported for {self.family}: its objective "
+                    "corrupts each packed block as one text, as T5 and BART do; leave it false"
+                )
+            return OBJECTIVES[name](self.tokenizer_info, seq2seq_configs[name])
         if name == "mlm":
             return MaskedLM(self.tokenizer_info, masking, document_masks)
         if FAMILIES[self.family].causal is False:
@@ -114,10 +139,11 @@ class PretrainModule(L.LightningModule):
         datamodule.eval_collate_fn = self.objective.eval_collate
         datamodule.word_starts = self.objective.needs_word_starts
         max_positions = self.model.config.max_positions
-        if datamodule.block_size > max_positions:
+        longest = max(self.sequence_lengths(datamodule.block_size))
+        if longest > max_positions:
             raise ScratchLMError(
-                f"data.block_size={datamodule.block_size} exceeds the model's {max_positions} "
-                f"positions; lower data.block_size or raise model.arch.max_positions"
+                f"data.block_size={datamodule.block_size} gives sequences of {longest} tokens, more than "
+                f"the model's {max_positions} positions; lower data.block_size or raise model.arch.max_positions"
             )
         data_vocab = datamodule.tokenizer_info.vocab_size
         if data_vocab != self.tokenizer_info.vocab_size:
@@ -126,6 +152,13 @@ class PretrainModule(L.LightningModule):
                 f"model.tokenizer ({self.tokenizer_info.path}, {self.tokenizer_info.vocab_size} tokens); "
                 "use one tokenizer for both"
             )
+
+    def sequence_lengths(self, block_size: int) -> tuple[int, ...]:
+        """Lengths of the sequences a block of ``block_size`` tokens becomes: the block itself, or
+        an encoder-decoder objective's encoder and decoder lengths (which may also refuse the
+        block, e.g. for want of sentinels)."""
+        lengths = getattr(self.objective, "sequence_lengths", None)
+        return (block_size,) if lengths is None else tuple(lengths(block_size))
 
     # --- steps -------------------------------------------------------------------------------
 
