@@ -122,3 +122,21 @@ def test_data_pipeline_scaled_corpus_repeats_the_documents(tmp_path):
     data_pipeline.write_jsonl_gz(path, ["a b", "c"], copies=3)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         assert [json.loads(line)["text"] for line in f] == ["a b", "c"] * 3
+
+
+SOAK_LINE = re.compile(
+    rf"soak: minutes=\S+ steps=(\d+) tok_s_start=({NUMBER}) tok_s_end=({NUMBER}) speed_ratio=({NUMBER}) "
+    rf"rss_start_mb=({NUMBER}) rss_end_mb=({NUMBER}) rss_growth_mb=([+-]{NUMBER}) .*"
+)
+
+
+def test_soak_samples_speed_and_memory_and_summarises(capsys):
+    soak = load_script("soak")
+    soak.main(["--minutes", "0.08", "--interval", "0.5", "--workers", "0", "--vocab-size", "300",
+               "--batch-size", "2", "--block-size", "32"])
+    lines = body_lines(capsys.readouterr().out)
+    samples = [line for line in lines if line.startswith("t=")]
+    assert len(samples) >= 3, lines
+    summary = SOAK_LINE.fullmatch(lines[-1])
+    assert summary, lines[-1]
+    assert int(summary[1]) > 0 and float(summary[2]) > 0 and float(summary[5]) > 0

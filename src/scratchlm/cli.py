@@ -22,6 +22,8 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.export import verify_export
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
+from scratchlm.training.checkpoint_io import AtomicCheckpointIO
+from scratchlm.training.run_dir import claim_run_dir, run_identity
 
 PARITY_TOLERANCE = 1e-4
 """Largest |logit difference| between our model and the exported HF model that ``--verify`` accepts."""
@@ -61,12 +63,29 @@ class FitCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the run's settings as the recipe and flags give them. (Lightning would overwrite
+        ``--model.*`` with the hyperparameters stored in ``--ckpt_path``, so a checkpoint of
+        another run would silently turn this run into that one; ``PretrainModule`` refuses it
+        instead, naming the file.)"""
+
     def before_instantiate_classes(self) -> None:
-        """Train a tokenizer into the run when none is given, before the modules that need it."""
+        """Claim the run directory for this run (see ``training.run_dir``), then train a
+        tokenizer into it when none is given, before the modules that need it."""
         config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir)
+        identity = run_identity(
+            {
+                "model": config.model.as_dict(),
+                "data": config.data.as_dict(),
+                "tokenizer": config.tokenizer.as_dict(),
+                "seed_everything": config.seed_everything,
+            }
+        )
+        claim_run_dir(root, identity, resuming=config.ckpt_path is not None)
         if config.data.tokenizer is not None:
             return
-        out = Path(config.trainer.default_root_dir) / "tokenizer"
+        out = root / "tokenizer"
         if not (out / "tokenizer.json").is_file():
             spec = config.tokenizer
             train_tokenizer(
@@ -92,6 +111,8 @@ class FitCLI(LightningCLI):
             TokenThroughput(),
             ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=every),
         ]
+        if config.get("plugins") is None:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -114,7 +135,9 @@ def fit(argv: list[str]) -> None:
         seed_everything_default=0,
         auto_configure_optimizers=False,  # the module's own AdamW groups and schedules
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "scratchlm"},
+        # Errors in flags or recipes come back as ArgumentError, for ``main`` to print in one line
+        # (rather than after jsonargparse's seventy-line usage).
+        parser_kwargs={"prog": "scratchlm", "exit_on_error": False},
     )
 
 
@@ -198,4 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[argv[0]](argv[1:])
     except ScratchLMError as error:
         print(f"scratchlm: error: {user_message(error)}", file=sys.stderr)
+        sys.exit(2)
+    except argparse.ArgumentError as error:  # a flag or recipe key the command does not know
+        print(f"scratchlm: error: {error}; scratchlm {argv[0]} --help lists the options", file=sys.stderr)
         sys.exit(2)

@@ -257,11 +257,18 @@ class PretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get(CHECKPOINT_KEY)
+        path = (self.trainer.ckpt_path if self._trainer else None) or "the checkpoint"
         if record is None:
-            raise ScratchLMError("checkpoint holds no scratchlm record; was it written by scratchlm fit?")
+            raise ScratchLMError(f"{path} holds no scratchlm record; resume from a checkpoint written by scratchlm fit")
         if record["family"] != self.family:
             raise ScratchLMError(
-                f"checkpoint is a {record['family']!r} model but model.family={self.family!r}"
+                f"{path} holds a {record['family']!r} model but model.family={self.family!r}; "
+                "resume with the recipe that wrote it"
+            )
+        if record["config"] != asdict(self.model.config):
+            raise ScratchLMError(
+                f"{path} holds a {self.family} model of another shape than this run's; resume with "
+                "the recipe and --model flags that wrote it"
             )
         self.tokens_seen = record["tokens_seen"]
         if RNG_KEY in checkpoint:

@@ -1,0 +1,114 @@
+"""The catalogue of bad input to ``scratchlm fit``: each stops with one line that names the culprit
+and says what to do, exits non-zero, and damages nothing written before.
+
+(Bad corpus files are also covered one by one in ``tests/data/test_sources.py``, a document
+longer than a block in ``tests/data/test_packing.py``, and the five commonest through a real
+subprocess in ``tests/test_cli.py``.)
+"""
+
+import hashlib
+import json
+from pathlib import Path
+import shutil
+
+import pytest
+
+from runs import RECIPES, TINY_FIT
+from scratchlm.cli import main
+
+
+def fit_fails(capsys, *args: str) -> str:
+    """Run ``scratchlm fit ARGS`` in this process; return its one error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("scratchlm: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def gpt2_fit(root: Path, *extra: str) -> list[str]:
+    return ["--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(root), *TINY_FIT, *extra]
+
+
+CORPUS_CASES = {
+    # name: (file name, bytes, what the message must hold)
+    "empty-after-filtering": ("blank.jsonl", b'{"text": "   "}\n\n{"text": ""}\n', ["blank.jsonl", "no documents"]),
+    "binary": ("blob.txt", b"\x7fELF\x02\x01\x01\x00\x00\x00\x00", ["blob.txt", "binary"]),
+    "not-a-string": ("num.jsonl", b'{"text": 42}\n', ["num.jsonl:1", "not a string"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORPUS_CASES))
+def test_bad_corpus_files(case, tmp_path, capsys):
+    name, content, expected = CORPUS_CASES[case]
+    (tmp_path / name).write_bytes(content)
+    root = tmp_path / "run"
+    error = fit_fails(capsys, *gpt2_fit(root, "--data.paths", str(tmp_path / name)))
+    for text in expected:
+        assert text in error, error
+    assert not (root / "checkpoints").exists() and not (root / "hf").exists()
+    assert (tmp_path / name).read_bytes() == content
+
+
+def test_an_unknown_recipe_key_is_named(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  family: gpt2\n  famly: bert\n")
+    error = fit_fails(capsys, "--config", str(typo), "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert "model.famly" in error and "--help" in error
+
+
+def test_a_tokenizer_without_the_special_tokens_the_objective_needs(gpt2_run, tmp_path, capsys):
+    _, gpt2_root, _ = gpt2_run
+    error = fit_fails(
+        capsys, "--config", str(RECIPES / "bert-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--data.tokenizer", str(gpt2_root / "tokenizer"),
+    )
+    assert str(gpt2_root / "tokenizer") in error and "mask token" in error and "--family bert" in error
+
+
+def test_blocks_longer_than_the_models_positions(gpt2_run, tmp_path, capsys):
+    _, gpt2_root, _ = gpt2_run
+    error = fit_fails(
+        capsys, *gpt2_fit(tmp_path / "run", "--data.tokenizer", str(gpt2_root / "tokenizer"), "--data.block_size", "4096")
+    )
+    assert "data.block_size=4096" in error and "positions" in error
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_from_a_checkpoint_of_another_family(gpt2_run, bert_run, tmp_path, capsys):
+    _, gpt2_root, _ = gpt2_run
+    _, bert_root, _ = bert_run
+    checkpoint = bert_root / "checkpoints" / "last.ckpt"
+    before = checkpoint.read_bytes()
+    error = fit_fails(
+        capsys,
+        *gpt2_fit(tmp_path / "run", "--data.tokenizer", str(gpt2_root / "tokenizer"), "--ckpt_path", str(checkpoint)),
+    )
+    assert str(checkpoint) in error and "'bert'" in error and "model.family='gpt2'" in error
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_run_directory_holding_a_different_run(gpt2_run, tmp_path, capsys):
+    _, gpt2_root, _ = gpt2_run
+    root = tmp_path / "run"
+    shutil.copytree(gpt2_root, root)
+    before = tree_digest(root)
+    error = fit_fails(capsys, *gpt2_fit(root, "--tokenizer.vocab_size", "2000"))
+    assert str(root) in error and "different run" in error and "tokenizer.vocab_size: 1000 -> 2000" in error
+    assert tree_digest(root) == before
+    # The same run again, without --ckpt_path, would start over on its checkpoints: refused too.
+    error = fit_fails(capsys, *gpt2_fit(root))
+    assert "--ckpt_path last" in error
+    assert tree_digest(root) == before
+    assert json.loads((root / "run.json").read_text())["model.family"] == "gpt2"
