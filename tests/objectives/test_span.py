@@ -198,6 +198,30 @@ def test_loss_of_a_fresh_t5_is_near_uniform_and_trains(span):
     assert loss_now.item() < loss.item() - 1.0
 
 
+def test_hf_t5_given_our_labels_computes_our_loss(span, info, tmp_path):
+    """The batch means to HF what it means to us: ``T5ForConditionalGeneration`` fed only the
+    encoder inputs and the labels (it shifts them right behind its decoder_start_token_id) gives
+    the same loss as our objective on our model."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from scratchlm.export import export_hf
+
+    torch.manual_seed(0)
+    model = build_model("t5", build_config("t5", "tiny", vocab_size=VOCAB, d_model=32, n_heads=2, d_ff=64)).eval()
+    special = {"pad": info.pad_id, "eos": info.eos_id, "unk": info.unk_id}
+    folder = export_hf(model, "t5", tmp_path / "hf", tokenizer_files=None, special_ids=special, card={})
+    hf = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    batch = span.eval_collate(blocks_of(64, 3, real=[64, 64, 21]))
+    with torch.no_grad():
+        ours, _ = span.loss(model, batch)
+        theirs = hf(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            decoder_attention_mask=batch["decoder_attention_mask"], labels=batch["labels"],
+        ).loss
+    assert torch.equal(hf._shift_right(batch["labels"]), batch["decoder_input_ids"])
+    assert abs(ours.item() - theirs.item()) < 1e-5
+
+
 # --- configuration and errors ----------------------------------------------------------------------
 
 
