@@ -71,3 +71,45 @@ def ddp_worker(rank: int, world_size: int, port: int, corpus: str, tokenizer: st
             Path(out).write_text(json.dumps(gathered))
     finally:
         dist.destroy_process_group()
+
+
+def ddp_resume_worker(
+    rank: int, world_size: int, port: int, corpus: str, tokenizer: str, block_size: int, out: str, stop_after: int
+) -> None:
+    """One rank of the DDP resume test: train ``stop_after`` batches of one epoch, then, as a
+    resumed run would, build a fresh data module, load the position a checkpoint would hold, and
+    finish the epoch; rank 0 writes what every rank saw before and after."""
+    import os
+
+    import torch.distributed as dist
+
+    from scratchlm.data import TextDataModule
+
+    def data_module() -> TextDataModule:
+        data = TextDataModule(
+            paths=[corpus], tokenizer=tokenizer, val_fraction=0.2, block_size=block_size,
+            batch_size=3, num_workers=2, train_epochs=1,
+        )
+        data.setup("fit")
+        return data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        first = data_module()
+        vocab = {i: t for t, i in first.tokenizer_info.tokenizer().get_vocab().items()}
+        seen = {"before": [], "after": []}
+        for step, batch in enumerate(first.train_dataloader()):
+            if step == stop_after:
+                break
+            seen["before"] += identities(batch["input_ids"].numpy(), vocab)
+        resumed = data_module()
+        resumed.load_state_dict({"batches": stop_after, **first.stream_layout()})
+        for batch in resumed.train_dataloader():
+            seen["after"] += identities(batch["input_ids"].numpy(), vocab)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, seen)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from numbered_corpus import BLOCK, ddp_worker, identities
+from numbered_corpus import BLOCK, ddp_resume_worker, ddp_worker, identities
 from scratchlm.data import TextDataModule
 from scratchlm.data.stream import validation_score
 from scratchlm.errors import ScratchLMError
@@ -33,6 +33,20 @@ def test_two_ddp_processes_with_two_workers_each_see_every_document_once(numbere
     assert all(rank["train"] for rank in per_rank), "both ranks train"
     assert sorted(train) == sorted(set(range(len(texts))) - held_out)
     assert sorted(val) == sorted(held_out) and val
+
+
+def test_a_resumed_ddp_stream_continues_without_repeating_or_skipping(numbered, tmp_path):
+    """Two ranks with two workers each stop mid-epoch; fresh data modules loaded with the saved
+    position finish the epoch: together they read every training document exactly once."""
+    corpus, texts, tokenizer = numbered
+    out = tmp_path / "seen.json"
+    args = (2, free_port(), str(corpus), tokenizer, BLOCK, str(out), 2)
+    mp.spawn(ddp_resume_worker, args=args, nprocs=2, join=True)
+    per_rank = json.loads(out.read_text())
+    assert all(rank["before"] and rank["after"] for rank in per_rank), "every rank reads on both sides"
+    seen = [k for rank in per_rank for k in rank["before"] + rank["after"]]
+    held_out = {k for k, text in enumerate(texts) if validation_score(text) < 0.2}
+    assert sorted(seen) == sorted(set(range(len(texts))) - held_out)
 
 
 def test_batches_are_stacked_tensors_with_an_attention_mask(numbered):
