@@ -38,7 +38,8 @@ def scrambled(**overrides) -> nn.Module:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[nn.Module, Path]:
     model = scrambled()
-    folder = export_hf(model, "t5", tmp_path_factory.mktemp("t5") / "hf", tokenizer_files=None, special_ids=SPECIAL, card={})
+    out = tmp_path_factory.mktemp("t5") / "hf"
+    folder = export_hf(model, "t5", out, tokenizer_files=None, special_ids=SPECIAL, card={})
     return model, folder
 
 
@@ -100,8 +101,12 @@ def test_verify_export_notices_swapped_position_biases(exported):
 def test_hf_greedy_generate_equals_our_greedy_decode_for_20_tokens(exported, hf_model):
     model, _ = exported
     x, x_mask = padded(3, 12, seed=7, lengths=[12, 8, 3])
-    theirs = hf_model.generate(input_ids=x, attention_mask=x_mask.long(), max_new_tokens=20, do_sample=False, num_beams=1)
-    ours = greedy_decode(model, x, x_mask, start_id=SPECIAL["pad"], max_new_tokens=20, eos_id=SPECIAL["eos"], pad_id=SPECIAL["pad"])
+    theirs = hf_model.generate(
+        input_ids=x, attention_mask=x_mask.long(), max_new_tokens=20, do_sample=False, num_beams=1
+    )
+    ours = greedy_decode(
+        model, x, x_mask, start_id=SPECIAL["pad"], max_new_tokens=20, eos_id=SPECIAL["eos"], pad_id=SPECIAL["pad"]
+    )
     assert ours.shape == (3, 21)  # no row met end-of-text: 20 real steps to compare
     assert torch.equal(theirs, ours)
 

@@ -44,14 +44,18 @@ DECODER_BLOCK: dict[str, str] = {
 """Our name under ``decoder.blocks.{i}.`` -> HF name under ``decoder.block.{i}.``, same layout."""
 
 ENCODER_FUSED: dict[str, tuple[str, ...]] = {
-    "attn.qkv.weight": ("layer.0.SelfAttention.q.weight", "layer.0.SelfAttention.k.weight", "layer.0.SelfAttention.v.weight"),
+    "attn.qkv.weight": (
+        "layer.0.SelfAttention.q.weight", "layer.0.SelfAttention.k.weight", "layer.0.SelfAttention.v.weight"
+    ),
     "mlp.gate_up.weight": ("layer.1.DenseReluDense.wi_0.weight", "layer.1.DenseReluDense.wi_1.weight"),
 }
 """Our fused encoder-block weight -> the HF weights it is cut into along the output dimension, in
 equal parts and in order. Heads are contiguous in both: HF views q/k/v outputs as (T, heads, K)."""
 
 DECODER_FUSED: dict[str, tuple[str, ...]] = {
-    "attn.qkv.weight": ("layer.0.SelfAttention.q.weight", "layer.0.SelfAttention.k.weight", "layer.0.SelfAttention.v.weight"),
+    "attn.qkv.weight": (
+        "layer.0.SelfAttention.q.weight", "layer.0.SelfAttention.k.weight", "layer.0.SelfAttention.v.weight"
+    ),
     "cross.kv.weight": ("layer.1.EncDecAttention.k.weight", "layer.1.EncDecAttention.v.weight"),
     "mlp.gate_up.weight": ("layer.2.DenseReluDense.wi_0.weight", "layer.2.DenseReluDense.wi_1.weight"),
 }

@@ -163,7 +163,9 @@ class SpanCorruption:
         ids = torch.from_numpy(np.stack([block["input_ids"] for block in blocks]))
         return self.corrupt(blocks, content_generator(ids))
 
-    def corrupt(self, blocks: Sequence[dict[str, np.ndarray]], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    def corrupt(
+        self, blocks: Sequence[dict[str, np.ndarray]], generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
         S, T = self.sequence_lengths(len(blocks[0]["input_ids"]))
         B = len(blocks)
         input_ids = torch.full((B, S), self.pad_id, dtype=torch.long)
