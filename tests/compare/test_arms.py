@@ -9,7 +9,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from scratchlm.compare.arms import build_datamodule, build_module, flop_count, head_parameters, steps_for_budget
+from scratchlm.compare.arms import (
+    build_datamodule,
+    build_module,
+    flop_count,
+    head_parameters,
+    seconds_per_step,
+    steps_for_budget,
+)
 from scratchlm.compare.config import Arm, Budget, CompareConfig, DataSpec, ModelSpec
 from scratchlm.errors import ScratchLMError
 from scratchlm.models import build_config, build_model
@@ -109,3 +116,18 @@ def test_every_arm_of_a_seed_reads_the_same_blocks_in_the_same_order(bert_style_
     mlm_arm, clm_arm, next_seed = first_blocks(0), first_blocks(0), first_blocks(1)
     assert all(np.array_equal(a, b) for a, b in zip(mlm_arm, clm_arm))
     assert not all(np.array_equal(a, b) for a, b in zip(mlm_arm, next_seed))  # seeds reorder the stream
+
+
+def test_the_classic_pair_builds_with_the_same_width_and_depth(bert_style_tokenizer):
+    config = config_for(bert_style_tokenizer)
+    bert = build_module(Arm("mlm", "bert"), config, bert_style_tokenizer, seed=0).model
+    gpt2 = build_module(Arm("clm", "gpt2"), config, bert_style_tokenizer, seed=0).model
+    assert (bert.config.n_layers, bert.config.d_model) == (gpt2.config.n_layers, gpt2.config.d_model) == (2, 32)
+
+
+def test_a_minutes_budget_is_timed_on_the_arm_itself(bert_style_tokenizer, tmp_path):
+    config = config_for(bert_style_tokenizer)
+    config.out = str(tmp_path)
+    seconds = seconds_per_step(Arm("clm", "modernbert-causal"), config, bert_style_tokenizer)
+    assert 0 < seconds < 10
+    assert list(tmp_path.iterdir()) == []  # the timed run leaves nothing behind

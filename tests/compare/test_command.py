@@ -10,6 +10,7 @@ import pytest
 from runs import RECIPES
 from scratchlm.cli import main
 from scratchlm.compare.command import parse
+from scratchlm.errors import ScratchLMError
 
 COMPARE_RECIPES = sorted((RECIPES / "compare").glob("*.yaml"))
 
@@ -104,3 +105,13 @@ def test_a_non_empty_out_folder_needs_overwrite(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("keep me")
     message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(tmp_path))
     assert str(tmp_path) in message and "--overwrite" in message
+
+
+def test_a_budget_on_the_command_line_replaces_the_recipes(tmp_path):
+    small = str(RECIPES / "compare" / "mlm-vs-clm-small.yaml")  # its budget is in FLOPs
+    config, recipe = parse(["--config", small, "--out", str(tmp_path), "--budget.tokens", "1000"])
+    assert (config.budget.tokens, config.budget.flops, config.budget.minutes) == (1000, None, None)
+    assert "tokens: 1000" in recipe and "flops: null" in recipe
+    both, _ = parse(["--config", small, "--out", str(tmp_path), "--budget.tokens", "1000", "--budget.minutes=2"])
+    with pytest.raises(ScratchLMError, match="several budgets"):
+        both.check()

@@ -48,6 +48,11 @@ def parse(argv: list[str]) -> tuple[CompareConfig, str]:
     """The config, and the resolved recipe as YAML (for the report)."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
+    given = {arg.split("=")[0][len("--budget."):] for arg in argv if arg.startswith("--budget.")}
+    if given:  # a budget on the command line replaces the recipe's, whatever its kind
+        for name in ("tokens", "flops", "minutes"):
+            if name not in given:
+                namespace[f"budget.{name}"] = None
     recipe = parser.dump(namespace, skip_none=False)
     init = parser.instantiate(namespace)
     fields = {name: init[name] for name in CompareConfig.__dataclass_fields__}

@@ -15,6 +15,7 @@ order, and a text that occurs twice lands on one side only.
 import ast
 from collections import Counter
 from dataclasses import dataclass
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -63,6 +64,12 @@ class ProbeSet:
 
 def builtin_examples() -> list[Example]:
     """Docstrings of ``BUILTIN_PACKAGES``, labeled by package, in a fixed order."""
+    return list(read_builtin_examples())
+
+
+@functools.cache
+def read_builtin_examples() -> tuple[Example, ...]:
+    """The parse of the sources, done once per process (a second or so)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     missing = [name for name in BUILTIN_PACKAGES if not (stdlib / name / "__init__.py").is_file()]
     if missing:
@@ -77,7 +84,7 @@ def builtin_examples() -> list[Example]:
         if "test" not in path.relative_to(stdlib).parts[1:]
         for text in docstrings(path)
     ]
-    return without_conflicts(examples)
+    return tuple(without_conflicts(examples))
 
 
 def docstrings(path: Path) -> list[str]:
