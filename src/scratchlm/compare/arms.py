@@ -239,6 +239,8 @@ class StepClock(L.Callback):
 
 
 def trainer_for(config: CompareConfig, steps: int, callbacks: list, *, validate: bool, max_seconds: float | None = None) -> L.Trainer:
+    """A single-device Trainer for ``steps`` steps that writes nothing (no logger, no checkpoints)
+    and, with ``validate``, evaluates the held-out loss ``train.curve_points`` times."""
     train = config.train
     every = max(1, steps // train.curve_points)
     return L.Trainer(

@@ -210,7 +210,7 @@ def metrics_table(m: dict) -> list[str]:
         if all(c == "–" for c in cells):
             continue
         w = wins.get(key)
-        won = f"{w['best']} by {w['margin']:.{metric.digits}f}" if w else "(one scale per objective)"
+        won = "(one scale per objective)" if not w else "tie" if w["best"] == "tie" else f"{w['best']} by {w['margin']:.{metric.digits}f}"
         lines.append(f"| {metric.label} | {'higher' if metric.higher_is_better else 'lower'} | {' | '.join(cells)} | {won} |")
     probe = m["probe"]
     lines += ["", f"Majority-class rate of the probe's test split: **{probe['majority_rate']:.3f}** "
@@ -223,6 +223,9 @@ def winners_section(m: dict) -> list[str]:
     lines = ["## Who won", ""]
     for w in m["winners"]:
         metric = METRICS[w["metric"]]
+        if w["best"] == "tie":
+            lines.append(f"- {metric.label}: a tie.")
+            continue
         against = (f", {w['margin_over_spread']:.1f}× the spread ({w['spread']:.{metric.digits}f})"
                    if w["margin_over_spread"] is not None else "")
         lines.append(f"- {metric.label}: **{w['best']}** over {w['runner_up']} by {w['margin']:.{metric.digits}f}{against}: {w['verdict']}.")
