@@ -3,6 +3,7 @@
 from dataclasses import asdict
 from pathlib import Path
 import random
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -61,6 +62,7 @@ class PretrainModule(L.LightningModule):
         document_masks: bool = False,
         optim: OptimConfig | None = None,
         max_bad_steps: int = 20,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -80,6 +82,9 @@ class PretrainModule(L.LightningModule):
             optim: AdamW and learning-rate schedule.
             max_bad_steps: Steps in a row whose loss or gradient norm is not finite that are
                 skipped (and counted in train/skipped_steps) before the run stops with a checkpoint.
+            compile: Compile the model's forward pass with ``torch.compile`` when training starts;
+                where it cannot compile (no C++ compiler, an unsupported op), training goes on
+                uncompiled after one warning.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +104,8 @@ class PretrainModule(L.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.compile = compile
+        self._compile_proven = not compile
         self._val_sum = self._val_count = None
 
     def _build_objective(
@@ -162,8 +169,31 @@ class PretrainModule(L.LightningModule):
 
     # --- steps -------------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        if self.compile:
+            # In place: parameter names, checkpoints and exports stay those of the plain model.
+            self.model.compile()
+
+    def compiled_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The objective's loss; on the first step of a compiled model, a failure to compile
+        (raised at the first call, not by ``compile()``) falls back to the uncompiled model."""
+        if self._compile_proven:
+            return self.objective.loss(self.model, batch)
+        try:
+            result = self.objective.loss(self.model, batch)
+        except Exception as error:  # noqa: BLE001  (any compiler failure; a real bug raises again below)
+            warnings.warn(
+                f"torch.compile could not compile the model ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); training continues uncompiled",
+                stacklevel=1,
+            )
+            self.model._compiled_call_impl = None  # what nn.Module.compile() set
+            result = self.objective.loss(self.model, batch)
+        self._compile_proven = True
+        return result
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        loss, metrics = self.objective.loss(self.model, batch)
+        loss, metrics = self.compiled_loss(batch)
         # One host-device sync per step buys the guard: a NaN or inf loss would otherwise poison
         # the weights (and AdamW's moments) for good.
         if not torch.isfinite(loss):
@@ -210,7 +240,7 @@ class PretrainModule(L.LightningModule):
         self._val_count = torch.zeros((), device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, _ = self.objective.loss(self.model, batch)
+        loss, _ = self.compiled_loss(batch)
         targets = (batch["labels"] != -100).sum()
         self._val_sum += loss.detach() * targets
         self._val_count += targets
