@@ -38,7 +38,7 @@ def test_fit_writes_logs_checkpoints_and_tokenizer_under_the_run_dir(gpt2_run):
     _, root, _ = gpt2_run
     metrics = next(root.glob("logs/version_*/metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
-    for column in ("train/loss", "train/tok_s", "val/loss", "val/ppl", "train/lr"):
+    for column in ("train/loss", "train/tok_s", "train/tflops", "val/loss", "val/ppl", "train/lr"):
         assert column in header, column
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert (root / "tokenizer" / "tokenizer.json").is_file()
