@@ -112,3 +112,26 @@ def test_a_run_directory_holding_a_different_run(gpt2_run, tmp_path, capsys):
     assert "--ckpt_path last" in error
     assert tree_digest(root) == before
     assert json.loads((root / "run.json").read_text())["model.family"] == "gpt2"
+
+
+def test_a_checkpoint_whose_vocabulary_does_not_fit_this_runs_tokenizer(gpt2_run, tmp_path, capsys):
+    """Same family, but this run's tokenizer (trained with another vocabulary size) gives the model
+    another shape than the checkpoint's."""
+    _, gpt2_root, _ = gpt2_run
+    checkpoint = gpt2_root / "checkpoints" / "last.ckpt"
+    error = fit_fails(capsys, *gpt2_fit(tmp_path / "run", "--tokenizer.vocab_size", "700", "--ckpt_path", str(checkpoint)))
+    assert str(checkpoint) in error and "another shape" in error
+
+
+def test_a_data_tokenizer_that_is_not_the_models(tmp_path):
+    import lightning as L
+
+    from scratchlm import PretrainModule, ScratchLMError, TextDataModule, train_tokenizer
+
+    small = str(train_tokenizer(None, tmp_path / "small", vocab_size=300, family="gpt2"))
+    large = str(train_tokenizer(None, tmp_path / "large", vocab_size=400, family="gpt2"))
+    module = PretrainModule(tokenizer=small, family="gpt2", arch={"n_layers": 1, "d_model": 32, "n_heads": 2, "d_ff": 64})
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ScratchLMError, match=r"data.tokenizer \(.*large, 400 tokens\) differs from model.tokenizer \(.*small, 300 tokens\); use one tokenizer for both"):
+        trainer.fit(module, TextDataModule(tokenizer=large, block_size=32, batch_size=2, val_fraction=0))
