@@ -160,7 +160,7 @@ class Bert(nn.Module):
             (B, T, D) hidden states.
         """
         check_length(input_ids.shape[1], self.config.max_positions)
-        mask = build_attention_mask(attention_mask, causal=False, doc_ids=doc_ids)
+        mask = build_attention_mask(attention_mask, causal=False, doc_ids=doc_ids, flex=True)
         x_BTD = self.embeddings(input_ids, token_type_ids)
         for block in self.blocks:
             x_BTD = block(x_BTD, mask)

@@ -124,7 +124,7 @@ class GPT2(nn.Module):
         """
         T = input_ids.shape[1]
         check_length(T, self.config.max_positions)
-        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids)
+        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids, flex=True)
         positions_T = torch.arange(T, device=input_ids.device)
         x_BTD = self.dropout(self.tok_emb(input_ids) + self.pos_emb(positions_T))
         for block in self.blocks:

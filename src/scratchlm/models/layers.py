@@ -9,13 +9,24 @@ Shape legend (used in comments and name suffixes across ``models/``):
     V  vocabulary size               N  a flat set of selected positions (e.g. masked tokens)
 """
 
+from dataclasses import dataclass
 from typing import Literal
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # a PyTorch without FlexAttention: document masks stay dense
+    BlockMask = create_block_mask = flex_attention = None
+
+FLEX_DEVICES = {"cuda"}
+"""Device types on which document masks run through FlexAttention: it skips the blocks a document
+mask rules out instead of scoring the whole T×T square. Not on CPU, where it has no backward."""
 
 # --- config validation ---------------------------------------------------------------------------
 
@@ -61,7 +72,8 @@ def build_attention_mask(
     *,
     causal: bool,
     doc_ids: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+    flex: bool = False,
+) -> "torch.Tensor | FlexMask | None":
     """One boolean mask for ``scaled_dot_product_attention``: True where a query may attend a key.
 
     Args:
@@ -70,6 +82,8 @@ def build_attention_mask(
         doc_ids: (B, T) int document id per token, -1 at padding (as ``data.packing`` emits). When
             given, a token attends only to tokens of its own document (block-diagonal attention for
             packed sequences), and tokens with id -1 count as padding.
+        flex: with ``doc_ids`` on a device in ``FLEX_DEVICES``, return a :class:`FlexMask` for
+            :func:`attend` to run through FlexAttention (the caller must attend with ``attend``).
 
     Returns:
         (B, 1, T, T) bool, broadcast over heads; or None when neither ``attention_mask`` nor
@@ -87,6 +101,8 @@ def build_attention_mask(
     """
     if attention_mask is None and doc_ids is None:
         return None
+    if flex and doc_ids is not None and flex_available(doc_ids.device):
+        return FlexMask(attention_mask, doc_ids, causal)
     reference = attention_mask if attention_mask is not None else doc_ids
     batch, length = reference.shape
     device = reference.device
@@ -104,6 +120,81 @@ def build_attention_mask(
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
     diagonal = torch.eye(length, dtype=torch.bool, device=device)
     return allowed | diagonal  # (B, 1, T, T)
+
+
+def flex_available(device: torch.device) -> bool:
+    return flex_attention is not None and device.type in FLEX_DEVICES and not _flex_state["failed"]
+
+
+_flex_state = {"compiled": None, "failed": False}
+
+
+@dataclass
+class FlexMask:
+    """A document mask for FlexAttention; it keeps its inputs so that :func:`attend` can fall back
+    to the dense mask of :func:`build_attention_mask` (same rule, same self-attending diagonal)."""
+
+    attention_mask: torch.Tensor | None
+    doc_ids: torch.Tensor
+    causal: bool
+
+    def block_mask(self):
+        """The FlexAttention ``BlockMask``: which (query, key) pairs may meet, by the rule of
+        :func:`build_attention_mask`."""
+        doc_ids, causal = self.doc_ids, self.causal
+        real_BT = doc_ids >= 0
+        if self.attention_mask is not None:
+            real_BT = real_BT & self.attention_mask.bool()
+
+        def allowed(b, h, q, k):
+            keep = (doc_ids[b, q] == doc_ids[b, k]) & real_BT[b, k]
+            if causal:
+                keep = keep & (k <= q)
+            return keep | (q == k)
+
+        B, T = doc_ids.shape
+        return create_block_mask(allowed, B, None, T, T, device=doc_ids.device)
+
+    def dense(self) -> torch.Tensor:
+        return build_attention_mask(self.attention_mask, causal=self.causal, doc_ids=self.doc_ids)
+
+
+def attend(
+    q_BHTK: torch.Tensor,
+    k_BGTK: torch.Tensor,
+    v_BGTK: torch.Tensor,
+    mask: "torch.Tensor | FlexMask | None",
+    *,
+    dropout_p: float,
+    causal: bool,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Attention of queries (B, H, T, K) over keys and values (B, G, T, K) -> (B, H, T, K).
+
+    A :class:`FlexMask` runs through compiled FlexAttention (no attention dropout there: with
+    dropout on, the dense mask and SDPA are used). Should FlexAttention fail (a compiler missing,
+    an unsupported GPU), one warning is given and every later call uses SDPA with the dense mask.
+    Anything else goes to ``scaled_dot_product_attention`` (``is_causal`` when there is no mask,
+    so its fused causal kernels run).
+    """
+    if isinstance(mask, FlexMask):
+        if dropout_p == 0.0 and not _flex_state["failed"]:
+            try:
+                if _flex_state["compiled"] is None:
+                    _flex_state["compiled"] = torch.compile(flex_attention, dynamic=False)
+                flex = _flex_state["compiled"]
+                return flex(q_BHTK, k_BGTK, v_BGTK, block_mask=mask.block_mask(), enable_gqa=enable_gqa)
+            except Exception as error:  # noqa: BLE001  (any compiler or kernel failure)
+                _flex_state["failed"] = True
+                warnings.warn(
+                    f"FlexAttention failed ({type(error).__name__}); document masks use SDPA with a dense mask",
+                    stacklevel=2,
+                )
+        mask = mask.dense()
+    return F.scaled_dot_product_attention(
+        q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None,
+        enable_gqa=enable_gqa,
+    )
 
 
 # --- rotary position embeddings ------------------------------------------------------------------
@@ -175,19 +266,13 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D), mask from :func:`build_attention_mask` -> (B, T, D)."""
+        """x (B, T, D), mask from :func:`build_attention_mask` (dense, flex or None) -> (B, T, D)."""
         B, T, D = x_BTD.shape
         H = self.n_heads
         qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
         q_BHTK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
-        y_BHTK = F.scaled_dot_product_attention(
-            q_BHTK,
-            k_BHTK,
-            v_BHTK,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=self.causal and mask is None,  # an explicit mask already holds causality
-        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y_BHTK = attend(q_BHTK, k_BHTK, v_BHTK, mask, dropout_p=dropout_p, causal=self.causal)
         y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)
         return self.resid_dropout(self.proj(y_BTD))
 

@@ -19,6 +19,7 @@ from torch import nn
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     apply_rope,
+    attend,
     build_attention_mask,
     check_length,
     check_positive_int,
@@ -126,14 +127,14 @@ class GroupedQueryAttention(nn.Module):
         # dtype: under bf16 autocast q and k would otherwise reach SDPA in fp32 and v in bf16.
         q_BHTK = apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype)
         k_BGTK = apply_rope(k_BGTK, cos, sin).to(v_BGTK.dtype)
-        y_BHTK = F.scaled_dot_product_attention(
+        y_BHTK = attend(
             q_BHTK,
             k_BGTK,
             v_BGTK,
-            attn_mask=mask,
+            mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=mask is None,  # an explicit mask already holds causality
-            # SDPA shares each key/value head across its query group without copying it. Asked
+            causal=True,
+            # Each key/value head is shared across its query group without copying it. Asked
             # only when G < H: with G == H it changes nothing, and fewer kernels accept the flag.
             enable_gqa=G < H,
         )
@@ -238,7 +239,7 @@ class Llama(nn.Module):
         """
         T = input_ids.shape[1]
         check_length(T, self.config.max_positions)
-        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids)
+        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids, flex=True)
         if doc_ids is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         else:
