@@ -28,7 +28,8 @@ def blocks(n=8, length=64, pad_tail=10, seed=0):
         ids[0], ids[length // 2] = CLS, SEP
         doc_ids = np.zeros(length, dtype=np.int32)
         doc_ids[length // 2 + 1 :] = 1
-        ids[-pad_tail:], doc_ids[-pad_tail:] = PAD, -1
+        if pad_tail:
+            ids[-pad_tail:], doc_ids[-pad_tail:] = PAD, -1
         out.append({"input_ids": ids.astype(np.int64), "doc_ids": doc_ids})
     return out
 
@@ -45,6 +46,7 @@ class TinyLM(nn.Module):
         self.head_rows = None
 
     def forward(self, input_ids, attention_mask=None, *, doc_ids=None):
+        self.attention_mask = attention_mask
         return self.embed(input_ids)
 
     def logits(self, hidden):
@@ -133,7 +135,7 @@ def test_clm_loss_ignores_padding():
     clm, model = CausalLM(info(eos_id=EOS)), TinyLM()
     batch = clm.collate(blocks())
     loss, _ = clm.loss(model, batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     changed["input_ids"][:, -9:] = 42  # padding positions (inputs and their would-be targets)
     changed_loss, _ = clm.loss(model, changed)
     # Position -10 (the last real token) targets padding, so it is not scored either.
@@ -158,3 +160,18 @@ def test_clm_with_document_masks_does_not_ask_across_documents_and_passes_doc_id
     assert torch.equal(seen["doc_ids"], batch["doc_ids"])
     CausalLM(info(eos_id=EOS)).loss(Spy(), batch)
     assert seen["doc_ids"] is None, "without document masks, packed documents attend to each other"
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_full_blocks_reach_the_model_without_a_mask_and_padded_ones_with_it(objective):
+    """No padding, no mask: SDPA may then run its fused kernels."""
+    built = CausalLM(info(eos_id=EOS)) if objective == "clm" else MaskedLM(info())
+    model = TinyLM()
+    full = built.collate(blocks(pad_tail=0))
+    assert full["padded"] is False
+    built.loss(model, full)
+    assert model.attention_mask is None
+    padded = built.collate(blocks(pad_tail=10))
+    assert padded["padded"] is True
+    built.loss(model, padded)
+    assert torch.equal(model.attention_mask, padded["attention_mask"])

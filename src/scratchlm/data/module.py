@@ -27,10 +27,20 @@ Collate = Callable[[list[dict[str, np.ndarray]]], dict[str, torch.Tensor]]
 
 def collate_blocks(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack blocks into ``input_ids`` (B, T) int64, ``doc_ids`` (B, T) int32 and
-    ``attention_mask`` (B, T) bool, False at padding (``doc_ids == -1``)."""
+    ``attention_mask`` (B, T) bool, False at padding (``doc_ids == -1``), with ``padded``, a plain
+    bool saying whether any position is padding.
+
+    Training blocks are packed full, so ``padded`` is almost always False; models then get no
+    mask at all and SDPA runs its fused causal (or unmasked) kernels, where any explicit mask
+    would send it to a slower path. Deciding this here, on the CPU side of the loader, costs the
+    training step no host-device synchronisation."""
     input_ids = torch.from_numpy(np.stack([b["input_ids"] for b in blocks])).long()
     doc_ids = torch.from_numpy(np.stack([b["doc_ids"] for b in blocks])).int()
-    batch = {"input_ids": input_ids, "doc_ids": doc_ids, "attention_mask": doc_ids >= 0}
+    attention_mask = doc_ids >= 0
+    batch = {
+        "input_ids": input_ids, "doc_ids": doc_ids, "attention_mask": attention_mask,
+        "padded": not bool(attention_mask.all()),
+    }
     if "word_starts" in blocks[0]:
         batch["word_starts"] = torch.from_numpy(np.stack([b["word_starts"] for b in blocks]))
     return batch

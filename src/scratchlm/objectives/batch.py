@@ -27,3 +27,9 @@ def sample_generator(blocks: Sequence[dict[str, np.ndarray]]) -> torch.Generator
         return None
     seeds = np.stack([block["sample_seed"] for block in blocks])
     return torch.Generator().manual_seed(zlib.crc32(seeds.tobytes()))
+
+
+def model_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The attention mask to give the model: None when the collate found no padding (``padded``),
+    so that SDPA may run its fused kernels; batches built elsewhere keep their mask."""
+    return batch["attention_mask"] if batch.get("padded", True) else None

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.data import collate_blocks
-from scratchlm.objectives.batch import IGNORE_INDEX
+from scratchlm.objectives.batch import IGNORE_INDEX, model_mask
 
 
 class CausalLM:
@@ -43,7 +43,7 @@ class CausalLM:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         doc_ids = batch["doc_ids"] if self.document_masks else None
-        hidden_BTD = model(batch["input_ids"], batch["attention_mask"], doc_ids=doc_ids)
+        hidden_BTD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids)
         logits_BTV = model.logits(hidden_BTD)
         loss = F.cross_entropy(
             logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX

@@ -16,7 +16,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.data import collate_blocks
-from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, sample_generator
+from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, model_mask, sample_generator
 
 
 @dataclass
@@ -125,7 +125,7 @@ class MaskedLM:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         doc_ids = batch["doc_ids"] if self.document_masks else None
-        hidden_BTD = model(batch["input_ids"], batch["attention_mask"], doc_ids=doc_ids)
+        hidden_BTD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids)
         labels_BT = batch["labels"]
         if self.masking.fixed_count:
             # k positions per row, chosen ones first: a static shape, with no sync for a nonzero count.
