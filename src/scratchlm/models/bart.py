@@ -19,6 +19,7 @@ from torch import nn
 
 from scratchlm.models.layers import (
     MLP,
+    PostNormEncoderBlock,
     SelfAttention,
     build_attention_mask,
     check_length,
@@ -111,21 +112,6 @@ class CrossAttention(nn.Module):
         return self.resid_dropout(self.proj(y_BTD))
 
 
-class EncoderBlock(nn.Module):
-    """Post-LN encoder block: ``x = LN(x + Attn(x)); x = LN(x + MLP(x))``."""
-
-    def __init__(self, config: BartConfig) -> None:
-        super().__init__()
-        self.attn = SelfAttention(config.d_model, config.n_heads, config.dropout, causal=False)
-        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config.d_model, config.d_ff, config.dropout, gelu="none")
-        self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-
-    def forward(self, x_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x_BSD = self.attn_norm(x_BSD + self.attn(x_BSD, mask))
-        return self.mlp_norm(x_BSD + self.mlp(x_BSD))
-
-
 class DecoderBlock(nn.Module):
     """Post-LN decoder block: causal self-attention, cross-attention, MLP, each followed by
     ``x = LN(x + sublayer(x))``."""
@@ -172,7 +158,7 @@ class Bart(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder_embeddings = BartEmbeddings(config)
-        self.encoder_blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
+        self.encoder_blocks = nn.ModuleList(PostNormEncoderBlock(config) for _ in range(config.n_layers))
         self.decoder_embeddings = BartEmbeddings(config)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
         self.init_weights()

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.models.layers import (
-    MLP,
-    SelfAttention,
+    PostNormEncoderBlock,
     build_attention_mask,
     check_length,
     check_positive_int,
@@ -79,21 +78,6 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.norm(x_BTD))
 
 
-class BertBlock(nn.Module):
-    """Post-LN encoder block: ``x = LN(x + Attn(x)); x = LN(x + MLP(x))``."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.attn = SelfAttention(config.d_model, config.n_heads, config.dropout, causal=False)
-        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config.d_model, config.d_ff, config.dropout, gelu="none")
-        self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-
-    def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = self.attn_norm(x_BTD + self.attn(x_BTD, mask))
-        return self.mlp_norm(x_BTD + self.mlp(x_BTD))
-
-
 class BertMLMHead(nn.Module):
     """The transform before the tied decoder: dense, GELU, LayerNorm; plus the decoder's bias.
 
@@ -128,7 +112,7 @@ class Bert(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.blocks = nn.ModuleList(BertBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(PostNormEncoderBlock(config) for _ in range(config.n_layers))
         self.head = BertMLMHead(config)
         self.init_weights()
 

@@ -277,6 +277,23 @@ class SelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y_BTD))
 
 
+class PostNormEncoderBlock(nn.Module):
+    """The post-LN encoder block of BERT and of BART's encoder (Vaswani et al. 2017, §3.1):
+    ``x = LN(x + Attn(x)); x = LN(x + MLP(x))``, bidirectional, exact-erf GELU. ``config`` is any
+    family config with ``d_model``, ``n_heads``, ``d_ff``, ``dropout`` and ``norm_eps``."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.attn = SelfAttention(config.d_model, config.n_heads, config.dropout, causal=False)
+        self.attn_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config.d_model, config.d_ff, config.dropout, gelu="none")
+        self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x_BTD = self.attn_norm(x_BTD + self.attn(x_BTD, mask))
+        return self.mlp_norm(x_BTD + self.mlp(x_BTD))
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: D -> F, GELU, F -> D, dropout."""
 
