@@ -217,7 +217,12 @@ class Bart(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM logits (..., V) for decoder hidden states (..., D), through the shared embedding."""
-        return F.linear(hidden, self.tok_emb.weight)
+        return F.linear(*self.vocab_projection(hidden))
+
+    def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
+        head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
+        return hidden, self.tok_emb.weight, None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, the shared token table once; ``exclude_embeddings`` leaves out it and

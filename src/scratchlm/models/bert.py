@@ -91,8 +91,10 @@ class BertMLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_ND: torch.Tensor, decoder_VD: torch.Tensor) -> torch.Tensor:
-        h_ND = self.norm(F.gelu(self.dense(hidden_ND)))
-        return F.linear(h_ND, decoder_VD, self.bias)
+        return F.linear(self.transform(hidden_ND), decoder_VD, self.bias)
+
+    def transform(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden_ND)))
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -152,7 +154,12 @@ class Bert(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits (..., V) for hidden states (..., D): any positions, e.g. only masked ones."""
-        return self.head(hidden, self.embeddings.tok_emb.weight)
+        return F.linear(*self.vocab_projection(hidden))
+
+    def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
+        head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
+        return self.head.transform(hidden), self.embeddings.tok_emb.weight, self.head.bias
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied tensors once; ``exclude_embeddings`` leaves out the word,

@@ -253,8 +253,12 @@ class Llama(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) for hidden states (..., D), through the head or the tied
         token embedding."""
-        weight = self.tok_emb.weight if self.head is None else self.head.weight
-        return F.linear(hidden, weight)
+        return F.linear(*self.vocab_projection(hidden))
+
+    def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
+        head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
+        return hidden, self.tok_emb.weight if self.head is None else self.head.weight, None
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, a tied head once. ``exclude_embeddings`` leaves out the token table;

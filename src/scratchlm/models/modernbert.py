@@ -207,8 +207,10 @@ class ModernBertHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_ND: torch.Tensor, decoder_VD: torch.Tensor) -> torch.Tensor:
-        h_ND = self.norm(F.gelu(self.dense(hidden_ND)))
-        return F.linear(h_ND, decoder_VD, self.bias)
+        return F.linear(self.transform(hidden_ND), decoder_VD, self.bias)
+
+    def transform(self, hidden_ND: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden_ND)))
 
 
 def local_mask(global_mask: torch.Tensor | None, band: torch.Tensor | None) -> torch.Tensor | None:
@@ -314,7 +316,12 @@ class ModernBert(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) for hidden states (..., D): any positions, e.g. only masked ones."""
-        return self.head(hidden, self.tok_emb.weight)
+        return F.linear(*self.vocab_projection(hidden))
+
+    def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
+        head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
+        return self.head.transform(hidden), self.tok_emb.weight, self.head.bias
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, the tied decoder once; ``exclude_embeddings`` leaves out the token table."""

@@ -412,6 +412,11 @@ class T5(nn.Module):
         """Next-token logits (..., V) for decoder hidden states (..., D)."""
         return self.head(hidden)
 
+    def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
+        head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
+        return hidden, self.head.weight, None
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count. ``exclude_embeddings`` leaves out the token table (shared by encoder
         and decoder) and the position-bias tables; the untied head stays counted."""

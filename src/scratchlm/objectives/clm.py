@@ -4,11 +4,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.data import collate_blocks
 from scratchlm.objectives.batch import IGNORE_INDEX, model_mask
+from scratchlm.objectives.cross_entropy import vocab_cross_entropy
 
 
 class CausalLM:
@@ -44,8 +44,5 @@ class CausalLM:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         doc_ids = batch["doc_ids"] if self.document_masks else None
         hidden_BTD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids)
-        logits_BTV = model.logits(hidden_BTD)
-        loss = F.cross_entropy(
-            logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX
-        )
-        return loss, {}
+        # The head fused with the loss: no (B·T, V) logits are ever materialised.
+        return vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten()), {}

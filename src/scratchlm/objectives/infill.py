@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, sample_generator
+from scratchlm.objectives.cross_entropy import vocab_cross_entropy
 
 SENTENCE_END = (".", "!", "?")
 """A token whose decoded text ends (before trailing whitespace) in one of these ends a sentence."""
@@ -176,8 +176,7 @@ class TextInfilling:
         hidden_BTD = model(
             batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"]
         )
-        logits_BTV = model.logits(hidden_BTD)
-        loss = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        loss = vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten())
         return loss, {}
 
 

@@ -1,0 +1,106 @@
+"""The fused, chunked linear cross-entropy equals the plain route: loss and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scratchlm.models import build_config, build_model
+from scratchlm.objectives.cross_entropy import linear_cross_entropy, vocab_cross_entropy
+
+N, D, V = 37, 16, 50
+
+
+def inputs(bias: bool, dtype=torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(N, D, generator=generator, dtype=dtype).requires_grad_()
+    weight = torch.randn(V, D, generator=generator, dtype=dtype).requires_grad_()
+    bias_V = torch.randn(V, generator=generator, dtype=dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[::5] = -100  # unscored rows
+    return features, weight, bias_V, targets
+
+
+def plain(features, weight, bias_V, targets):
+    return F.cross_entropy(F.linear(features, weight, bias_V).float(), targets, ignore_index=-100)
+
+
+def loss_and_grads(loss_fn, features, weight, bias_V, targets, scale: float = 1.0):
+    leaves = [t for t in (features, weight, bias_V) if t is not None]
+    loss = loss_fn(features, weight, bias_V, targets)
+    grads = torch.autograd.grad(loss * scale, leaves)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 8, 10, N, 1000])
+def test_equals_plain_cross_entropy(bias, chunk_rows):
+    args = inputs(bias)
+    loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), *args, scale=3.0)
+    loss_ref, grads_ref = loss_and_grads(plain, *args, scale=3.0)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_in_double():
+    features, weight, bias_V, targets = inputs(bias=True, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda f, w, b: linear_cross_entropy(f, w, b, targets, chunk_rows=7), (features, weight, bias_V)
+    )
+
+
+def test_without_grad_only_the_loss():
+    features, weight, bias_V, targets = inputs(bias=True)
+    with torch.no_grad():
+        loss = linear_cross_entropy(features, weight, bias_V, targets, chunk_rows=4)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, plain(features, weight, bias_V, targets).detach())
+
+
+def test_only_some_inputs_need_grad():
+    features, weight, _, targets = inputs(bias=False)
+    frozen = weight.detach()
+    (grad,) = torch.autograd.grad(linear_cross_entropy(features, frozen, None, targets, chunk_rows=6), [features])
+    (grad_ref,) = torch.autograd.grad(plain(features, frozen, None, targets), [features])
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_nothing_scored_is_nan_like_torch():
+    features, weight, _, targets = inputs(bias=False)
+    targets[:] = -100
+    assert plain(features, weight, None, targets).isnan()
+    assert linear_cross_entropy(features, weight, None, targets).isnan()
+
+
+def test_bf16_autocast_follows_the_plain_route():
+    features, weight, bias_V, targets = inputs(bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=8), features, weight, bias_V, targets)
+        loss_ref, grads_ref = loss_and_grads(plain, features, weight, bias_V, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-3)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "modernbert", "modernbert-causal", "t5", "bart"])
+def test_every_model_fuses_its_own_head(family):
+    """``vocab_projection`` is the model's head: the fused loss equals cross-entropy of
+    ``model.logits``, with the same gradient on every parameter (tied tables included)."""
+    torch.manual_seed(0)
+    model = build_model(family, build_config(family, "tiny", vocab_size=V, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    hidden = torch.randn(N, 32, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    params = [hidden, *model.parameters()]
+
+    fused = vocab_cross_entropy(model, hidden, targets)
+    grads = torch.autograd.grad(fused, params, allow_unused=True)
+    reference = F.cross_entropy(model.logits(hidden).float(), targets)
+    grads_ref = torch.autograd.grad(reference, params, allow_unused=True)
+
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
