@@ -102,6 +102,19 @@ def test_the_mask_token_takes_the_space_before_it(trained):
     assert tokens[tokens.index("[MASK]") - 1] != "Ġ"
 
 
+def test_bert_style_with_sentinels_keeps_its_ids_and_makes_sep_the_end_of_text(trained, tmp_path):
+    """One tokenizer for MLM and span corruption: [MASK] stays, sentinels top the vocabulary, and
+    [SEP] (which closes every encoding) is the eos that span corruption closes sequences with."""
+    plain = TokenizerInfo.load(trained("bert", "bpe"))
+    info = TokenizerInfo.load(train_tokenizer(None, tmp_path / "tok", kind="bpe", vocab_size=600, family="bert", sentinels=6))
+    assert plain.eos_id is None
+    assert (info.pad_id, info.cls_id, info.sep_id, info.mask_id) == (plain.pad_id, plain.cls_id, plain.sep_id, plain.mask_id)
+    assert info.eos_id == info.sep_id and info.vocab_size == 600
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert hf.eos_token == "[SEP]" and hf.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_5>"]) == [599, 594]
+    assert hf("a b")["input_ids"][-1] == hf.eos_token_id == hf.sep_token_id
+
+
 def test_info_files_round_trip_through_write_tokenizer_files(trained, tmp_path):
     info = TokenizerInfo.load(trained("gpt2", "bpe"))
     files = info.files()

@@ -6,7 +6,9 @@ the same ids as the raw ``tokenizers.Tokenizer``. The special tokens follow the 
 *style*:
 
 - ``bert``: ``[PAD] [UNK] [CLS] [SEP] [MASK]`` at ids 0..4, and every encoding is wrapped as
-  ``[CLS] text [SEP]`` (the [SEP] doubles as the document separator when blocks are packed).
+  ``[CLS] text [SEP]`` (the [SEP] doubles as the document separator when blocks are packed). With
+  sentinels, [SEP] is also the end-of-text token (``eos_token``) that span corruption closes its
+  inputs and targets with, so one tokenizer serves MLM, causal LM and T5 arms alike.
 - ``gpt``: ``<|endoftext|>`` (end and beginning of text) and a separate ``<|pad|>``, so padding is
   never confused with the end of a document; ``<|unk|>`` only for models that can meet unknown text.
   Nothing is added to an encoding: a prompt given to ``generate()`` must not end with end-of-text.
@@ -214,7 +216,8 @@ def train_tokenizer(
         min_frequency: Fewest occurrences a merge or word piece needs (bpe, wordpiece).
         errors: What to do with bytes that are not UTF-8: stop (strict) or use U+FFFD (replace).
         sentinels: Sentinel tokens for span corruption, ``<extra_id_0>`` at the highest id
-            (counted in ``vocab_size``); None for the style's default (100 for t5, else 0).
+            (counted in ``vocab_size``); None for the style's default (100 for t5, else 0). A
+            style without an end-of-text token (bert) then makes its [SEP] one.
 
     Returns:
         ``out_dir`` as a Path.
@@ -230,6 +233,8 @@ def train_tokenizer(
     specials = added_tokens(roles)
     sentinels = style.sentinels if sentinels is None else sentinels
     check_sentinels(sentinels)
+    if sentinels and "eos" not in roles and "sep" in roles:
+        roles = {**roles, "eos": roles["sep"]}  # no new token: [SEP] already closes every text
     check_vocab_size(vocab_size, kind, len(specials) + sentinels)
     sources = resolve_sources(paths)
     first_document(sources, text_field=text_field, errors=errors)  # fail before training, not after
