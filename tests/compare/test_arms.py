@@ -20,6 +20,8 @@ from scratchlm.compare.arms import (
 from scratchlm.compare.config import Arm, Budget, CompareConfig, DataSpec, ModelSpec
 from scratchlm.errors import ScratchLMError
 from scratchlm.models import build_config, build_model
+from scratchlm.objectives import SpanConfig
+from scratchlm.objectives.span import span_lengths
 
 T = 32
 
@@ -47,6 +49,29 @@ def test_flop_formula_matches_what_torch_counts(family):
     measured = measured_forward_flops_per_token(model, T)
     # Norms, biases and activations are parameters or work that matmul counting leaves out.
     assert formula_forward == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_flop_formula_matches_what_torch_counts(family):
+    """Per block token: the encoder on S positions, the decoder and head on T, attention on
+    S x S, T x T and T x S; a block of T=32 tokens as span corruption makes it (S=30, T=8)."""
+    model = build_model(family, build_config(family, "tiny", vocab_size=500, n_layers=2, n_decoder_layers=2,
+                                             d_model=32, n_heads=2, d_ff=64))
+    S, T_dec = span_lengths(T, SpanConfig())
+    count = flop_count(model, "span", T, mask_rate=0.15, lengths=(S, T_dec))
+    encoder_ids, decoder_ids = torch.randint(10, 400, (1, S)), torch.randint(10, 400, (1, T_dec))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.logits(model(encoder_ids, None, decoder_ids))
+    assert count.per_token / 3 == pytest.approx(counter.get_total_flops() / T, rel=0.05)
+    # The encoder side, by name: the encoder stack and the cross-attention keys and values,
+    # which read the encoder's output. Embedding tables cost nothing.
+    encoder_prefix, cross_kv = {"t5": ("encoder.", ".cross.kv."), "bart": ("encoder_", ".cross_attn.kv.")}[family]
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    by_name = sum(p.numel() for n, p in model.named_parameters()
+                  if (n.startswith(encoder_prefix) or cross_kv in n) and id(p) not in tables)
+    assert count.encoder == by_name
+    with pytest.raises(ValueError, match="lengths"):
+        flop_count(model, "span", T, mask_rate=0.15)
 
 
 def test_the_mlm_head_counts_only_on_masked_positions():
