@@ -22,3 +22,11 @@ def bert_style_tokenizer(tmp_path_factory) -> str:
     as ``scratchlm compare`` trains for its arms."""
     out = tmp_path_factory.mktemp("compare-tokenizer") / "tokenizer"
     return str(train_tokenizer(None, out, kind="bpe", vocab_size=600, family="modernbert"))
+
+
+@pytest.fixture(scope="session")
+def span_tokenizer(tmp_path_factory) -> str:
+    """The shared tokenizer as a comparison with a span arm trains it: BERT-style specials plus
+    sentinels <extra_id_0..7> at the top of the vocabulary, [SEP] as end of text."""
+    out = tmp_path_factory.mktemp("compare-span-tokenizer") / "tokenizer"
+    return str(train_tokenizer(None, out, kind="bpe", vocab_size=600, family="modernbert", sentinels=8))

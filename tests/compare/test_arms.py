@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from scratchlm.compare.arms import (
+    arm_size,
     build_datamodule,
     build_module,
     flop_count,
@@ -156,3 +157,25 @@ def test_a_minutes_budget_is_timed_on_the_arm_itself(bert_style_tokenizer, tmp_p
     seconds = seconds_per_step(Arm("clm", "modernbert-causal"), config, bert_style_tokenizer)
     assert 0 < seconds < 10
     assert list(tmp_path.iterdir()) == []  # the timed run leaves nothing behind
+
+
+def test_the_span_arm_matches_the_tiny_width_and_depth_and_counts_block_tokens(span_tokenizer):
+    config = CompareConfig(out="unused", data=DataSpec(tokenizer=span_tokenizer, block_size=T, batch_size=4),
+                           budget=Budget(tokens=1000))
+    mlm = arm_size(Arm("mlm", "modernbert"), config, span_tokenizer)
+    span = arm_size(Arm("span", "t5"), config, span_tokenizer)
+    assert mlm.shape["d_model"] == span.shape["d_model"] == 128
+    assert mlm.shape["layers"] == span.shape["layers"] + span.shape["decoder_layers"] == 4
+    assert (span.flops.block_size, span.flops.encoder_length, span.flops.decoder_length) == (T, *span_lengths(T, SpanConfig()))
+    # The same token budget is the same steps of the shared stream for every arm.
+    assert steps_for_budget(config.budget, mlm.flops, 4 * T, None) == steps_for_budget(config.budget, span.flops, 4 * T, None)
+
+
+@pytest.mark.parametrize(
+    "family, objective, message",
+    [("t5", "mlm", "does not fit family t5"), ("modernbert", "span", "does not fit family modernbert"),
+     ("bart", None, "trains with infill")],
+)
+def test_an_objective_the_family_cannot_train_or_compare_cannot_score_is_refused(family, objective, message):
+    with pytest.raises(ScratchLMError, match=message):
+        Arm("x", family, objective)

@@ -35,8 +35,18 @@ TINIER = [
 ]
 
 
-def compare(*args: str) -> None:
-    main(["compare", "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), *args])
+# The three-arm recipe's own arms made tinier in the same way, one seed (the span arm keeps its
+# preset's 2 + 2 layers: a shared n_layers is its encoder's depth).
+TINIER_THREE_ARMS = [
+    "--budget.tokens", "6000",
+    "--model.arch", "{n_layers: 2, d_model: 32, n_heads: 2, d_ff: 64}",
+    *TINIER[TINIER.index("--model.optim.warmup_steps") :],
+]
+SPAN_RECIPE = str(RECIPES / "compare" / "mlm-clm-span-tiny.yaml")
+
+
+def compare(*args: str, recipe: str = "mlm-vs-clm-tiny.yaml") -> None:
+    main(["compare", "--config", str(RECIPES / "compare" / recipe), *args])
 
 
 @pytest.mark.parametrize("recipe", [p.name for p in COMPARE_RECIPES])
@@ -75,6 +85,43 @@ def test_the_tiny_comparison_writes_its_report_metrics_and_plots(tmp_path, capsy
     assert f"{metrics['probe']['majority_rate']:.3f}" in report
     assert "| mlm | modernbert | mlm |" in report and "| clm | modernbert-causal | clm |" in report
     assert "tokens: 6000" in report  # the recipe as run
+
+
+def test_the_tiny_three_arm_comparison_reports_the_span_arm_like_the_others(tmp_path, capsys):
+    out = tmp_path / "compare"
+    compare("--out", str(out), *TINIER_THREE_ARMS, recipe="mlm-clm-span-tiny.yaml")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str((out / "report.md").resolve())
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["arms"]) == ["mlm", "clm", "span"]
+    span = metrics["arms"]["span"]
+    assert (span["family"], span["objective"]) == ("t5", "span")
+    assert span["shape"] == {"layers": 2, "decoder_layers": 2, "d_model": 32, "d_ff": 64}
+    for arm in metrics["arms"].values():
+        run = arm["runs"][0]
+        assert run["tokens"] == 24 * 8 * 32  # the same block tokens for every arm, the span arm's included
+        assert run["curve"][-1]["tokens"] == run["tokens"]
+        assert run["metrics"]["eval_bytes"] == metrics["eval"]["bytes"]  # the same bytes for every arm
+        assert math.isfinite(run["metrics"]["bits_per_byte"]) and math.isfinite(run["metrics"]["finetune_accuracy"])
+    span_metrics = span["runs"][0]["metrics"]
+    assert all(math.isfinite(span_metrics[k]) for k in ("span_loss", "span_accuracy", "pseudo_perplexity", "linear_accuracy"))
+    assert span["flops_per_token"] == pytest.approx(span["runs"][0]["flops"] / span["runs"][0]["tokens"])
+    assert metrics["tokenizer"]["sentinels_used"] == 2  # round(0.15 x 32) = 5 hidden tokens in round(5 / 3) spans
+    hf = Path(span["runs"][0]["hf"])
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["T5ForConditionalGeneration"]
+
+    report = (out / "report.md").read_text()
+    assert "| span | t5 | span | 2+2 × 32 (64) |" in report and "flatter MLM and span corruption" in report
+    for name in ("loss_vs_tokens.png", "loss_vs_flops.png", "probe_accuracy.png", "bits_per_byte.png"):
+        assert (out / name).stat().st_size > 1000 and f"({name})" in report
+    bpb = span["summary"]["bits_per_byte"]["mean"]
+    assert f"{bpb:.3f}" in report
+
+
+def test_a_given_tokenizer_without_sentinels_is_one_clear_error_before_training(bert_style_tokenizer, tmp_path, capsys):
+    message = error_of(capsys, "--config", SPAN_RECIPE, "--out", str(tmp_path / "out"), "--data.tokenizer", bert_style_tokenizer)
+    assert bert_style_tokenizer in message and "0 sentinel tokens" in message and "--sentinels 6" in message
+    assert not (tmp_path / "out" / "arms").exists()
 
 
 def error_of(capsys, *args: str) -> str:

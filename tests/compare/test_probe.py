@@ -56,3 +56,13 @@ def test_fine_tuning_an_exported_folder_learns_an_easy_task(family, bert_style_t
     assert scores["finetune_accuracy"] >= 0.9, scores
     assert set(scores) == {"finetune_accuracy", "finetune_macro_f1", "linear_accuracy", "linear_macro_f1"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
+
+
+def test_a_t5_export_fine_tunes_and_gives_its_encoder_to_the_linear_probe(span_tokenizer, tmp_path):
+    """T5ForSequenceClassification reads the decoder's state at each input's eos ([SEP], which the
+    shared tokenizer closes every text with); T5's AutoModel would need decoder inputs, so the
+    frozen features are its encoder's."""
+    folder = untrained_export("t5", span_tokenizer, tmp_path / "t5")
+    spec = ProbeSpec(epochs=6, batch_size=16, lr=3e-3, max_length=32)
+    scores = run_probes(folder, easy_probe_set(), spec, seed=0, device=torch.device("cpu"))
+    assert scores["finetune_accuracy"] >= 0.9 and scores["linear_accuracy"] >= 0.9, scores

@@ -16,9 +16,9 @@ def run(seed: int, bpb: float, accuracy: float, **extra) -> dict:
             "tokens_per_second": 300 / (2.0 + seed), "curve": curve, "metrics": metrics}
 
 
-def arm(family: str, objective: str, runs: list[dict]) -> dict:
+def arm(family: str, objective: str, runs: list[dict], **extra) -> dict:
     return {"family": family, "objective": objective, "params": 1_200_000, "params_non_embedding": 700_000,
-            "flops_per_token": 1e4, "runs": runs}
+            "flops_per_token": 1e4, "shape": {"layers": 4, "d_model": 128, "d_ff": 256}, "runs": runs, **extra}
 
 
 CONTEXT = {
@@ -71,9 +71,26 @@ def test_the_report_holds_the_table_the_winners_and_the_plots(tmp_path):
     for name in ("loss_vs_tokens.png", "loss_vs_flops.png", "probe_accuracy.png", "bits_per_byte.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in report
-    assert "| mlm | modernbert | mlm |" in report
+    assert "| mlm | modernbert | mlm | 4 × 128 (256) |" in report
+    assert "span" not in report  # nothing about span arms where there is none
     assert "2.010 ± 0.010" in report  # mlm bits per byte, mean ± std over the three seeds
     assert "**mlm** over clm by 0.500" in report
     assert "0.600" in report  # the majority-class rate
     assert "tokens: 300" in report  # the recipe
     assert json.loads((tmp_path / "metrics.json").read_text())["arms"]["clm"]["runs"][2]["metrics"]["perplexity"] == 90.0
+
+
+def test_a_span_arm_is_reported_like_the_others_with_its_own_caveats(tmp_path):
+    entries = results()
+    entries["span"] = arm(
+        "t5", "span", [run(s, 2.2 + 0.01 * s, 0.7, span_accuracy=0.4, span_loss=3.5) for s in range(3)],
+        shape={"layers": 2, "decoder_layers": 2, "d_model": 128, "d_ff": 320},
+        flop_count={"block_size": 128, "encoder_length": 116, "decoder_length": 26},
+    )
+    metrics = build_metrics(entries, CONTEXT)
+    report = write_report(tmp_path, metrics, "").read_text()
+    assert "| span | t5 | span | 2+2 × 128 (320) |" in report
+    assert "2.210 ± 0.010" in report and "0.400 ± 0.000" in report  # bits per byte, span accuracy
+    assert "`<extra_id_0>`" in report and "flatter MLM and span corruption" in report
+    assert "128 tokens into 116 encoder input and 26 target tokens" in report
+    assert "span_accuracy" not in {w["metric"] for w in metrics["winners"]}  # objective-specific: no winner

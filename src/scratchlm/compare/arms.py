@@ -5,6 +5,11 @@ split, block size, batch size, shuffle seed: hence the same blocks in the same o
 width and depth, the same optimizer and schedule, and the same seed for its weights (two arms
 with the same parameter shapes, such as ``modernbert`` and ``modernbert-causal``, start from
 identical weights). They differ only in what the family and objective make different.
+
+Tokens are counted as blocks of the shared stream: ``data.batch_size`` blocks of
+``data.block_size`` tokens per step, for every arm. A span arm reads the same blocks and makes
+each into a shorter encoder input and a target (``objectives.span``); its tokens are the block
+tokens those came from, and its FLOPs are counted per block token too.
 """
 
 from collections.abc import Iterator
@@ -21,7 +26,7 @@ from scratchlm.compare.config import Arm, Budget, CompareConfig
 from scratchlm.data import TextDataModule
 from scratchlm.errors import ScratchLMError
 from scratchlm.training import PretrainModule
-from scratchlm.training.flops import FlopCount, flop_count, head_parameters  # noqa: F401  (re-exported)
+from scratchlm.training.flops import EncoderDecoderFlopCount, FlopCount, flop_count, head_parameters  # noqa: F401  (re-exported)
 
 CALIBRATION_STEPS = 6
 """Steps of the timed run that turns a minutes budget into a step count (the first is not timed)."""
@@ -41,6 +46,7 @@ def build_module(arm: Arm, config: CompareConfig, tokenizer: str, seed: int) -> 
         arch={**model.arch, **arm.arch},
         objective=arm.objective_name,
         masking=model.masking,
+        span=model.span,
         document_masks=model.document_masks,
         optim=model.optim,
     )
@@ -72,20 +78,46 @@ class ArmSize:
     """Every parameter, tied ones once."""
     params_non_embedding: int
     """Without the embedding tables (Kaplan et al.'s N)."""
-    flops: FlopCount
+    flops: FlopCount | EncoderDecoderFlopCount
+    shape: dict[str, int]
+    """Layers (``decoder_layers`` too for encoder-decoders), ``d_model`` and ``d_ff``."""
 
 
 def arm_size(arm: Arm, config: CompareConfig, tokenizer: str) -> ArmSize:
-    """Measured on a freshly built model of the arm (this also checks that it can be built)."""
-    model = build_module(arm, config, tokenizer, seed=0).model
-    flops = flop_count(model, arm.objective_name, config.data.block_size, config.model.masking.mask_rate)
-    return ArmSize(model.num_params(), model.num_params(exclude_embeddings=True), flops)
+    """Measured on a freshly built model of the arm (this also checks that it can be built, and
+    that its objective can make sequences of the block size)."""
+    module = build_module(arm, config, tokenizer, seed=0)
+    model, block_size = module.model, config.data.block_size
+    lengths = module.sequence_lengths(block_size)  # refuses a block the objective cannot corrupt
+    if arm.objective_name == "span" and block_size + 1 > model.config.max_positions:
+        raise ScratchLMError(
+            f"arms: {arm.name}: held-out scoring reads windows of data.block_size={block_size} tokens and an "
+            f"end-of-text, more than its max_positions={model.config.max_positions}; add max_positions: "
+            f"{block_size + 1} to the arm's arch (T5's relative positions need no table) or lower data.block_size"
+        )
+    encoder_decoder = getattr(model, "is_encoder_decoder", False)
+    flops = flop_count(model, arm.objective_name, block_size, config.model.masking.mask_rate,
+                       lengths=lengths if encoder_decoder else None)
+    return ArmSize(model.num_params(), model.num_params(exclude_embeddings=True), flops, model_shape(model.config))
+
+
+def model_shape(config) -> dict[str, int]:
+    shape = {"layers": config.n_layers, "d_model": config.d_model, "d_ff": config.d_ff}
+    if hasattr(config, "n_decoder_layers"):
+        shape["decoder_layers"] = config.n_decoder_layers
+    return shape
 
 
 # --- budgets ---------------------------------------------------------------------------------------
 
 
-def steps_for_budget(budget: Budget, flops: FlopCount, tokens_per_step: int, step_seconds: float | None) -> int:
+def block_tokens_per_step(config: CompareConfig) -> int:
+    """Block tokens of the shared stream in one optimizer step, the same for every arm."""
+    return config.data.batch_size * config.data.block_size
+
+
+def steps_for_budget(budget: Budget, flops: FlopCount | EncoderDecoderFlopCount, tokens_per_step: int,
+                     step_seconds: float | None) -> int:
     """Optimizer steps that spend ``budget``: whole batches of the shared stream, at least one."""
     if budget.tokens is not None:
         return max(1, math.ceil(budget.tokens / tokens_per_step))
@@ -125,10 +157,11 @@ class ArmRun:
 
 
 class CurveRecorder(L.Callback):
-    """Held-out loss after each validation pass, against tokens and FLOPs trained so far."""
+    """Held-out loss after each validation pass, against block tokens and FLOPs trained so far."""
 
-    def __init__(self, flops_per_token: float) -> None:
+    def __init__(self, flops_per_token: float, tokens_per_step: int) -> None:
         self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step
         self.points: list[CurvePoint] = []
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -136,7 +169,7 @@ class CurveRecorder(L.Callback):
         loss = trainer.callback_metrics.get("val/loss")
         if loss is None or trainer.sanity_checking:
             return
-        tokens = pl_module.tokens_seen
+        tokens = trainer.global_step * self.tokens_per_step
         if self.points and self.points[-1].tokens == tokens:
             return  # the closing validation at a step that was just evaluated
         self.points.append(CurvePoint(trainer.global_step, tokens, tokens * self.flops_per_token, float(loss)))
@@ -216,24 +249,25 @@ def seconds_per_step(arm: Arm, config: CompareConfig, tokenizer: str) -> float:
     return clock.seconds_per_step
 
 
-def train_arm(arm: Arm, config: CompareConfig, tokenizer: str, seed: int, steps: int, flops: FlopCount) -> ArmRun:
+def train_arm(arm: Arm, config: CompareConfig, tokenizer: str, seed: int, steps: int,
+              flops: FlopCount | EncoderDecoderFlopCount) -> ArmRun:
     """Train one arm for ``steps`` steps of the seed's token stream, recording its held-out curve."""
     module = build_module(arm, config, tokenizer, seed)
     datamodule = build_datamodule(config, tokenizer, seed)
-    curve, clock = CurveRecorder(flops.per_token), TrainingClock()
+    curve, clock = CurveRecorder(flops.per_token, block_tokens_per_step(config)), TrainingClock()
     # A minutes budget is also a hard stop, with some slack for the step estimate's error.
     cap = config.budget.minutes * 60 * 1.25 if config.budget.minutes else None
     with quiet_lightning():
         trainer = trainer_for(config, steps, [curve, clock], validate=True, max_seconds=cap)
         trainer.fit(module, datamodule)
-        if datamodule.has_validation and (not curve.points or curve.points[-1].tokens != module.tokens_seen):
+        tokens = trainer.global_step * block_tokens_per_step(config)
+        if datamodule.has_validation and (not curve.points or curve.points[-1].tokens != tokens):
             trainer.validate(module, datamodule, verbose=False)  # the curve ends at the final weights
     if not datamodule.has_validation:
         raise ScratchLMError(
             f"no held-out documents in {datamodule.describe()} (--data.val_fraction={config.data.val_fraction}); "
             "raise --data.val_fraction or pass --data.val_paths: the comparison evaluates on held-out text"
         )
-    tokens = module.tokens_seen
     return ArmRun(module, trainer.global_step, tokens, tokens * flops.per_token, clock.seconds, curve.points)
 
 

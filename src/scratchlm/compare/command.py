@@ -10,13 +10,22 @@ LightningCLI); the recipe's keys are the same.
 
 from dataclasses import asdict
 from pathlib import Path
+import itertools
 import sys
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 import torch
 
-from scratchlm.compare.arms import ArmRun, ArmSize, arm_size, seconds_per_step, steps_for_budget, train_arm
+from scratchlm.compare.arms import (
+    ArmRun,
+    ArmSize,
+    arm_size,
+    block_tokens_per_step,
+    seconds_per_step,
+    steps_for_budget,
+    train_arm,
+)
 from scratchlm.compare.config import Arm, CompareConfig, default_arms
 from scratchlm.compare.evaluate import HeldOut, evaluate_arm, load_held_out
 from scratchlm.compare.probe import probe_device, run_probes
@@ -24,18 +33,20 @@ from scratchlm.compare.probe_data import ProbeSet, load_probe_set
 from scratchlm.compare.report import build_metrics, versions, write_metrics, write_report
 from scratchlm.data import describe_sources, resolve_sources
 from scratchlm.errors import ScratchLMError
-from scratchlm.tokenizer import TokenizerInfo, train_tokenizer
+from scratchlm.objectives.span import noise_counts
+from scratchlm.tokenizer import SENTINEL, TokenizerInfo, train_tokenizer
 from scratchlm.training import TrainedModel
 
 TOKENIZER_STYLE = "modernbert"
 """Whose special tokens the shared tokenizer gets: BERT-style ([CLS] [SEP] [MASK] [PAD]), which
-every arm can use; MLM needs the mask token, and the causal arms read [SEP] as end of text."""
+every arm can use; MLM needs the mask token, and the causal arms read [SEP] as end of text. With
+a span arm it also gets sentinels, and [SEP] becomes its eos (see ``tokenizer.train_tokenizer``)."""
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="scratchlm compare",
-        description="Pre-train several arms (MLM, causal LM) on the same tokens to the same budget; report.",
+        description="Pre-train several arms (MLM, causal LM, span corruption) on the same tokens to the same budget; report.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a recipe, e.g. recipes/compare/mlm-vs-clm-tiny.yaml")
     parser.add_class_arguments(CompareConfig, None)
@@ -109,24 +120,54 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
 
 def shared_tokenizer(config: CompareConfig, out: Path) -> str:
     """The tokenizer every arm uses: the one given, or one trained once on the corpus."""
+    sentinels = sentinels_needed(config)
     if config.data.tokenizer is not None:
-        info = TokenizerInfo.load(config.data.tokenizer)
-        if info.mask_id is None and any(arm.objective_name == "mlm" for arm in config.arms):
-            raise ScratchLMError(
-                f"--data.tokenizer {config.data.tokenizer} has no mask token, which the MLM arms need; train one "
-                "with BERT-style specials (scratchlm tokenizer train --family modernbert ...)"
-            )
+        check_given_tokenizer(TokenizerInfo.load(config.data.tokenizer), config, sentinels)
         return config.data.tokenizer
-    say(f"training a {config.tokenizer.kind} tokenizer ({config.tokenizer.vocab_size} tokens) on the corpus")
+    say(f"training a {config.tokenizer.kind} tokenizer ({config.tokenizer.vocab_size} tokens"
+        + (f", {sentinels} sentinels" if sentinels else "") + ") on the corpus")
     path = train_tokenizer(
         config.data.paths, out / "tokenizer", kind=config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
-        family=TOKENIZER_STYLE, text_field=config.data.text_field, errors=config.data.errors,
+        family=TOKENIZER_STYLE, text_field=config.data.text_field, errors=config.data.errors, sentinels=sentinels,
     )
     return str(path)
 
 
+def sentinels_needed(config: CompareConfig) -> int:
+    """Sentinels the span arms need: one per hidden span of a block; none without span arms."""
+    if not any(arm.objective_name == "span" for arm in config.arms):
+        return 0
+    _, spans = noise_counts(config.data.block_size, config.model.span)
+    return spans
+
+
+def check_given_tokenizer(info: TokenizerInfo, config: CompareConfig, sentinels: int) -> None:
+    """Refuse a ``--data.tokenizer`` that some arm cannot use, before anything trains."""
+    path = config.data.tokenizer
+    if info.mask_id is None and any(arm.objective_name == "mlm" for arm in config.arms):
+        raise ScratchLMError(
+            f"--data.tokenizer {path} has no mask token, which the MLM arms need; train one with BERT-style "
+            "specials (scratchlm tokenizer train --family modernbert ...)"
+        )
+    if not sentinels:
+        return
+    tokenizer = info.tokenizer()
+    found = next(i for i in itertools.count() if tokenizer.token_to_id(SENTINEL.format(i)) is None)
+    if found < sentinels:
+        lack = (f"{found} sentinel tokens ({SENTINEL.format(0)}, ...) where the span arms need {sentinels}, "
+                f"one per masked span of a {config.data.block_size}-token block")
+    elif info.eos_id is None:
+        lack = "no end-of-text token, which span corruption closes its sequences with"
+    else:
+        return
+    raise ScratchLMError(
+        f"--data.tokenizer {path} has {lack}; train one with BERT-style specials and sentinels (scratchlm "
+        f"tokenizer train --family modernbert --sentinels {sentinels} ...), or leave --data.tokenizer unset"
+    )
+
+
 def budget_steps(config: CompareConfig, tokenizer: str, sizes: dict[str, ArmSize]) -> dict[str, int]:
-    tokens_per_step = config.data.batch_size * config.data.block_size
+    tokens_per_step = block_tokens_per_step(config)
     steps = {}
     for arm in config.arms:
         seconds = seconds_per_step(arm, config, tokenizer) if config.budget.minutes is not None else None
@@ -140,7 +181,7 @@ def run_context(config: CompareConfig, info: TokenizerInfo, held_out: HeldOut, p
     return {
         "corpus": describe_sources(resolve_sources(config.data.paths)),
         "tokenizer": {"path": info.path, "kind": config.tokenizer.kind if config.data.tokenizer is None else "given",
-                      "vocab_size": info.vocab_size},
+                      "vocab_size": info.vocab_size, "sentinels_used": sentinels_needed(config)},
         "budget": ", ".join(f"{v:g} {k}" for k, v in budget.items()),
         "seeds": config.seeds,
         "block_size": config.data.block_size,
@@ -160,6 +201,7 @@ def arm_entry(arm: Arm, size: ArmSize) -> dict[str, Any]:
         "objective": arm.objective_name,
         "params": size.params,
         "params_non_embedding": size.params_non_embedding,
+        "shape": size.shape,
         "flops_per_token": size.flops.per_token,
         "flop_count": {**asdict(size.flops), "attention": size.flops.attention},
         "runs": [],
@@ -173,7 +215,7 @@ def measure(run: ArmRun, objective: str, config: CompareConfig, out: Path, seed:
     device = probe_device(config.train.accelerator)
     model = run.module.model.to(device)
     say(f"seed {seed}, arm {name}: held-out evaluation ({held_out.n_tokens} tokens)")
-    metrics = evaluate_arm(model, objective, held_out, info, config.eval)
+    metrics = evaluate_arm(model, objective, held_out, info, config.eval, span=config.model.span)
     metrics["val_loss"] = run.curve[-1].val_loss
     model.cpu()
     say(f"seed {seed}, arm {name}: probe ({len(probe_set.train)} training examples)")

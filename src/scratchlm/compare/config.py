@@ -11,8 +11,12 @@ from typing import Any, Literal
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models import FAMILIES
-from scratchlm.objectives import MaskingConfig
+from scratchlm.objectives import MaskingConfig, SpanConfig
 from scratchlm.training import OptimConfig
+
+
+SCORED_OBJECTIVES = ("mlm", "clm", "span")
+"""The objectives ``compare.evaluate`` can put on the bits-per-byte scale."""
 
 
 @dataclass
@@ -22,19 +26,30 @@ class Arm:
     name: str
     """Its label in the report, plots and output folders (letters, digits, - and _)."""
     family: str
-    """Model family (modernbert, modernbert-causal, bert, gpt2, ...)."""
-    objective: Literal["mlm", "clm"] | None = None
-    """Pre-training objective; the family's default when unset. A span-corruption arm joins here
-    once encoder-decoder families exist."""
+    """Model family (modernbert, modernbert-causal, bert, gpt2, llama, t5)."""
+    objective: Literal["mlm", "clm", "span"] | None = None
+    """Pre-training objective: mlm (encoders), clm (decoders) or span (T5 span corruption,
+    encoder-decoders); the family's default when unset."""
     arch: dict[str, Any] = field(default_factory=dict)
     """Overrides of this arm only, for fields one family has and the other lacks (e.g.
-    ``local_window``); width and depth belong in ``model.arch``, shared by every arm."""
+    ``local_window``, ``n_decoder_layers``); width and depth belong in ``model.arch``, shared by
+    every arm."""
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ScratchLMError(f"arms: name {self.name!r} must be letters, digits, '-' or '_'")
         if self.family not in FAMILIES:
             raise ScratchLMError(f"arms: {self.name}: family {self.family!r} is unknown; choose one of {sorted(FAMILIES)}")
+        if self.objective_name not in SCORED_OBJECTIVES:
+            raise ScratchLMError(
+                f"arms: {self.name}: family {self.family} trains with {self.objective_name}, which the comparison "
+                f"cannot score on held-out text; choose a family whose objective is one of {', '.join(SCORED_OBJECTIVES)}"
+            )
+        if (self.objective_name == "span") != FAMILIES[self.family].encoder_decoder:
+            raise ScratchLMError(
+                f"arms: {self.name}: objective {self.objective_name} does not fit family {self.family}: span "
+                "corruption trains encoder-decoders (t5), mlm encoders and clm decoders"
+            )
 
     @property
     def objective_name(self) -> str:
@@ -53,9 +68,14 @@ class ModelSpec:
     size: str = "tiny"
     """Preset of each arm's family: tiny, small or base."""
     arch: dict[str, Any] = field(default_factory=dict)
-    """Overrides of preset fields for every arm, e.g. ``{n_layers: 2, d_model: 64}``."""
+    """Overrides of preset fields for every arm, e.g. ``{n_layers: 2, d_model: 64}``. For an
+    encoder-decoder arm ``n_layers`` is its encoder's depth; its decoder's (``n_decoder_layers``)
+    goes in the arm's own ``arch``. The tiny presets match as they are: 4 layers of width 128,
+    and T5's 2 encoder + 2 decoder layers of width 128."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """MLM masking of the MLM arms during training (evaluation always masks 15%)."""
+    span: SpanConfig = field(default_factory=SpanConfig)
+    """Span corruption of the span arms, in training and in their own held-out metric."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and learning-rate schedule, the same for every arm."""
     document_masks: bool = False
@@ -69,8 +89,9 @@ class DataSpec:
     paths: list[str] | str | None = None
     """Training text: files, folders, globs (as ``scratchlm fit``); unset: the built-in corpus."""
     tokenizer: str | None = None
-    """A tokenizer folder with a mask token (BERT-style specials); unset: one is trained into
-    ``OUT/tokenizer`` on the corpus, once, and every arm uses it."""
+    """A tokenizer folder with a mask token (BERT-style specials), and sentinels
+    ``<extra_id_0..>`` enough for one block's spans when a span arm runs; unset: one is trained
+    into ``OUT/tokenizer`` on the corpus, once, and every arm uses it."""
     val_paths: list[str] | str | None = None
     """Separate held-out text; unset: ``val_fraction`` of the documents, chosen by hash."""
     val_fraction: float = 0.05

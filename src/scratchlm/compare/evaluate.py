@@ -7,23 +7,31 @@ its special tokens (``[CLS] text [SEP]``); every token that is not special is sc
 
 **Context.** A document is read in windows of ``data.block_size`` tokens (the training length),
 each starting on the previous window's last token: windows overlap by one token, so every position
-after the first is scored in exactly one window, the one where it is not the first token. Both
-arms score the same tokens in the same windows:
+after the first is scored in exactly one window, the one where it is not the first token. Every
+arm scores the same tokens in the same windows:
 
 - causal LM: the next-token log-likelihood of each scored token given the window up to it;
 - MLM: the pseudo-log-likelihood (Salazar et al. 2020, "Masked Language Model Scoring"): the
   token is replaced by the mask token and predicted from the rest of its window. Every scored
   token gets its own masked copy of its window; copies are batched, and the head runs only at
   the masked position of each copy.
+- span corruption (T5): the same pseudo-log-likelihood, each token a one-token span. Its copy of
+  the window has the token replaced by the first sentinel and is closed by end-of-text, as span
+  corruption lays out an encoder input; the decoder reads the start token and that sentinel and
+  scores the token next, as the target ``<extra_id_0> token </s>`` of such a span has it.
 
 **Bits per byte** = (summed negative log-likelihood in nats) / (ln 2 × UTF-8 bytes of the scored
-texts). Note that a pseudo-log-likelihood is no normalised probability of the text: MLM's
-"bits per byte" is not a code length, and it flatters MLM (each token sees both sides); the
-report says so next to it.
+texts). Note that a pseudo-log-likelihood is no normalised probability of the text: the MLM and
+span arms' "bits per byte" are not code lengths, and they flatter those arms (each token sees
+both sides); the report says so next to it.
 
 **MLM accuracy** masks ``eval.mask_rate`` (15%) of the non-special tokens of non-overlapping
 blocks, with the mask token only (no random or kept tokens), the positions drawn from the tokens
 themselves (the same masks for every arm and run), whatever rate the arm trained with.
+
+**Span-corruption loss and accuracy** corrupt the same non-overlapping blocks at the arm's
+training noise density and span length, the spans drawn from the tokens themselves, and score
+every target token (sentinels and the closing end-of-text included, as the training loss does).
 """
 
 from collections.abc import Iterator
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 import itertools
 import math
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -39,7 +48,7 @@ from scratchlm.compare.config import DataSpec, EvalSpec
 from scratchlm.data import resolve_sources
 from scratchlm.data.stream import split_documents
 from scratchlm.errors import ScratchLMError
-from scratchlm.objectives import MaskedLM, MaskingConfig
+from scratchlm.objectives import IGNORE_INDEX, MaskedLM, MaskingConfig, SpanConfig, SpanCorruption
 from scratchlm.objectives.batch import content_generator
 from scratchlm.tokenizer import TokenizerInfo
 
@@ -185,6 +194,56 @@ def pseudo_nll(model: nn.Module, held_out: HeldOut, pad_id: int, mask_id: int, b
 
 
 @torch.no_grad()
+def span_pseudo_nll(model: nn.Module, held_out: HeldOut, objective: SpanCorruption, batch_size: int) -> float:
+    """Summed pseudo-log-likelihood NLL (nats) of an encoder-decoder trained with span corruption:
+    each scored token replaced in its own copy of its window by ``<extra_id_0>``, the copy closed
+    by end-of-text, and the token scored at the decoder's second position (after the start token
+    and the sentinel); ``batch_size`` copies per forward pass."""
+    device = next(model.parameters()).device
+    spans, targets = window_ids(held_out)
+    sentinel = int(objective.sentinels[0])
+    decoder_ids = torch.tensor([[objective.start_id, sentinel]], device=device)  # (1, 2)
+    total = 0.0
+    for chunk in batched(targets, batch_size):
+        ids_BS, mask_BS = padded([spans[t.window] + [objective.eos_id] for t in chunk], objective.pad_id, device)
+        rows = torch.arange(len(chunk), device=device)
+        positions = torch.tensor([t.position for t in chunk], device=device)
+        originals = ids_BS[rows, positions]
+        ids_BS[rows, positions] = sentinel  # one one-token span per copy
+        hidden_B2D = model(ids_BS, mask_BS, decoder_ids.expand(len(chunk), -1))
+        total += target_nll(model, hidden_B2D[:, 1], originals).item()
+    return total
+
+
+@torch.no_grad()
+def span_accuracy(model: nn.Module, held_out: HeldOut, objective: SpanCorruption, batch_size: int) -> tuple[float, float]:
+    """(accuracy, loss in nats) over the target tokens of span corruption of non-overlapping
+    blocks of the window length, the spans fixed by the blocks' tokens."""
+    device = next(model.parameters()).device
+    T = held_out.window
+    blocks = [padded_block(ids[start : start + T], T, objective.pad_id) for ids in held_out.ids for start in range(0, len(ids), T)]
+    correct = loss_sum = count = 0.0
+    for chunk in batched(blocks, batch_size):
+        batch = {k: v.to(device) for k, v in objective.eval_collate(chunk).items()}
+        hidden_BTD = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
+        chosen = batch["labels"] != IGNORE_INDEX
+        logits_NV = model.logits(hidden_BTD[chosen]).float()
+        targets_N = batch["labels"][chosen]
+        correct += (logits_NV.argmax(-1) == targets_N).sum().item()
+        loss_sum += F.cross_entropy(logits_NV, targets_N, reduction="sum").item()
+        count += targets_N.numel()
+    return correct / max(count, 1), loss_sum / max(count, 1)
+
+
+def padded_block(ids: list[int], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A packed block as the objectives take it: ``input_ids`` and ``doc_ids`` (-1 at padding)."""
+    block = {"input_ids": np.full(length, pad_id, dtype=np.int64), "doc_ids": np.full(length, -1, dtype=np.int32)}
+    block["input_ids"][: len(ids)] = ids
+    block["doc_ids"][: len(ids)] = 0
+    return block
+
+
+@torch.no_grad()
 def masked_accuracy(model: nn.Module, held_out: HeldOut, info: TokenizerInfo, spec: EvalSpec) -> tuple[float, float]:
     """(accuracy, loss in nats) of predicting ``spec.mask_rate`` of the tokens, masked, from the
     rest of non-overlapping blocks of the window length."""
@@ -206,18 +265,24 @@ def masked_accuracy(model: nn.Module, held_out: HeldOut, info: TokenizerInfo, sp
     return correct / max(count, 1), loss_sum / max(count, 1)
 
 
-def evaluate_arm(model: nn.Module, objective: str, held_out: HeldOut, info: TokenizerInfo, spec: EvalSpec) -> dict[str, float]:
+def evaluate_arm(model: nn.Module, objective: str, held_out: HeldOut, info: TokenizerInfo, spec: EvalSpec,
+                 span: SpanConfig | None = None) -> dict[str, float]:
     """Every held-out metric of one trained model: bits per byte and nats per token for all
-    arms, perplexity for causal LM, pseudo-perplexity and MLM accuracy/loss for MLM."""
-    if objective not in ("clm", "mlm"):  # a span-corruption arm needs its own scorer here
-        raise ScratchLMError(f"no held-out scoring for objective {objective!r} yet; compare mlm and clm arms")
+    arms, perplexity for causal LM, pseudo-perplexity for MLM and span corruption, MLM
+    accuracy/loss for MLM, and span-corruption accuracy/loss (at ``span``, the arm's training
+    corruption) for span corruption."""
+    if objective not in ("clm", "mlm", "span"):
+        raise ScratchLMError(f"no held-out scoring for objective {objective!r}; compare mlm, clm and span arms")
+    corruption = SpanCorruption(info, span or SpanConfig()) if objective == "span" else None
     was_training = model.training
     model.eval()
     try:
         if objective == "clm":
             nll = causal_nll(model, held_out, info.pad_id, spec.batch_size)
-        else:
+        elif objective == "mlm":
             nll = pseudo_nll(model, held_out, info.pad_id, info.mask_id, spec.batch_size)
+        else:
+            nll = span_pseudo_nll(model, held_out, corruption, spec.batch_size)
         per_token = nll / held_out.n_tokens
         metrics = {
             "bits_per_byte": nll / (math.log(2) * held_out.n_bytes),
@@ -229,7 +294,10 @@ def evaluate_arm(model: nn.Module, objective: str, held_out: HeldOut, info: Toke
             metrics["perplexity"] = math.exp(per_token)
         else:
             metrics["pseudo_perplexity"] = math.exp(per_token)
+        if objective == "mlm":
             metrics["mlm_accuracy"], metrics["mlm_loss"] = masked_accuracy(model, held_out, info, spec)
+        if objective == "span":
+            metrics["span_accuracy"], metrics["span_loss"] = span_accuracy(model, held_out, corruption, spec.batch_size)
         return metrics
     finally:
         model.train(was_training)

@@ -6,11 +6,13 @@ Two probes per folder, both scored by accuracy and macro-F1 on the test split:
   body), every weight trained for ``probe.epochs`` with AdamW. Each class pools as it does in
   ``transformers``: BERT its [CLS] pooler, ModernBERT the mean of its tokens (the export's
   ``classifier_pooling``), causal models (GPT-2, ModernBERT decoder) the last token that is not
-  padding, which needs ``pad_token_id`` in the config (the export writes it).
-- **linear**: the body frozen (``AutoModel``), its last hidden states averaged over the real
-  (non-padding) tokens, standardised, and a multinomial logistic regression with an L2 penalty
-  fitted to them by full-batch L-BFGS: deterministic, and a measure of what pre-training alone
-  put into the features.
+  padding, which needs ``pad_token_id`` in the config (the export writes it), and T5 the
+  decoder's state at the last end-of-text token of the input, which its decoder reads shifted
+  right (every example must hold one: the shared tokenizer closes each with [SEP], its eos).
+- **linear**: the body frozen (``AutoModel``; of an encoder-decoder, its encoder), its last
+  hidden states averaged over the real (non-padding) tokens, standardised, and a multinomial
+  logistic regression with an L2 penalty fitted to them by full-batch L-BFGS: deterministic, and
+  a measure of what pre-training alone put into the features.
 """
 
 import math
@@ -167,7 +169,10 @@ def linear_probe(folder, probe_set: ProbeSet, spec: ProbeSpec, device: torch.dev
     """Accuracy and macro-F1 of a logistic regression on the folder's frozen mean-pooled features."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with quiet_transformers():
-        model = AutoModel.from_pretrained(folder).to(device).eval()
+        model = AutoModel.from_pretrained(folder)
+    if model.config.is_encoder_decoder:
+        model = model.get_encoder()  # the decoder's states would need a target to read
+    model = model.to(device).eval()
     train_x = mean_features(model, Encoded(tokenizer, [e.text for e in probe_set.train], spec.max_length), len(probe_set.train), device)
     test_x = mean_features(model, Encoded(tokenizer, [e.text for e in probe_set.test], spec.max_length), len(probe_set.test), device)
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)

@@ -41,9 +41,11 @@ METRICS: dict[str, Metric] = {
     "linear_macro_f1": Metric("probe, frozen linear: macro-F1", True, True),
     "val_loss": Metric("held-out loss of its own objective (nats)", False, False),
     "perplexity": Metric("perplexity (causal LM)", False, False, 2),
-    "pseudo_perplexity": Metric("pseudo-perplexity (MLM)", False, False, 2),
+    "pseudo_perplexity": Metric("pseudo-perplexity (MLM, span corruption)", False, False, 2),
     "mlm_accuracy": Metric("MLM accuracy at 15% masking", True, False),
     "mlm_loss": Metric("MLM loss at 15% masking (nats)", False, False),
+    "span_accuracy": Metric("span-corruption accuracy of target tokens, training noise", True, False),
+    "span_loss": Metric("span-corruption loss of target tokens, training noise (nats)", False, False),
 }
 """Every metric an arm may have, in report order."""
 
@@ -183,17 +185,25 @@ def runs_table(m: dict) -> list[str]:
     lines = [
         "## Runs",
         "",
-        "| arm | family | objective | params | non-embedding | FLOPs/token | steps | tokens | FLOPs | wall time (s) | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | family | objective | layers × width (FFN) | params | non-embedding | FLOPs/token | steps | tokens "
+        "| FLOPs | wall time (s) | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in m["arms"].items():
         s = arm["summary"]
         lines.append(
-            f"| {name} | {arm['family']} | {arm['objective']} | {big(arm['params'])} | {big(arm['params_non_embedding'])} "
+            f"| {name} | {arm['family']} | {arm['objective']} | {shape(arm['shape'])} | {big(arm['params'])} "
+            f"| {big(arm['params_non_embedding'])} "
             f"| {big(arm['flops_per_token'])} | {s['steps']['mean']:.0f} | {big(s['tokens']['mean'])} | {big(s['flops']['mean'])} "
             f"| {mean_std(s['train_seconds'], 1)} | {mean_std(s['tokens_per_second'], 0)} |"
         )
     return lines + [""]
+
+
+def shape(s: dict) -> str:
+    """"4 × 128 (256)", or "2+2 × 128 (320)" for an encoder-decoder's encoder and decoder layers."""
+    layers = f"{s['layers']}+{s['decoder_layers']}" if "decoder_layers" in s else f"{s['layers']}"
+    return f"{layers} × {s['d_model']} ({s['d_ff']})"
 
 
 def metrics_table(m: dict) -> list[str]:
@@ -234,23 +244,45 @@ def winners_section(m: dict) -> list[str]:
 
 def notes(m: dict) -> list[str]:
     e = m["eval"]
-    return [
+    spans = [arm for arm in m["arms"].values() if arm["objective"] == "span"]
+    lines = [
         "## How it was measured",
         "",
         f"- Held-out text: the first {e['documents']} held-out documents, each cut to about {e['doc_tokens']} tokens: "
         f"{e['tokens']} scored tokens, {e['bytes']} UTF-8 bytes, the same for every arm. Windows of {e['window']} tokens "
         "(the training length), overlapping by one token; every non-special token is scored once.",
         "- Bits per byte = summed NLL / (ln 2 × bytes). Causal LM: next-token likelihood. MLM: pseudo-log-likelihood "
-        "(each token masked in turn, predicted from both sides of its window). A pseudo-likelihood is not a normalised "
-        "probability of the text, so MLM's figure is no code length and tends to flatter MLM: read it as a shared scale, not a tie-breaker.",
-        "- The held-out loss of each arm's own objective (masked tokens at the training rate, or next tokens) is not one "
-        "scale across objectives: no winner is named on it.",
+        "(each token masked in turn, predicted from both sides of its window)."
+        + (" Span corruption: the same pseudo-log-likelihood, each token in turn a one-token span (replaced by "
+           "`<extra_id_0>` in the encoder's input, predicted by the decoder after that sentinel)." if spans else "")
+        + " A pseudo-likelihood is not a normalised probability of the text, so "
+        + ("these arms' figures are no code lengths and tend to flatter MLM and span corruption" if spans
+           else "MLM's figure is no code length and tends to flatter MLM")
+        + ": read bits per byte as a shared scale, not a tie-breaker.",
+        "- The held-out loss of each arm's own objective (masked tokens at the training rate, next tokens"
+        + (", or span-corruption targets" if spans else "") + ") is not one scale across objectives: no winner is named on it.",
         "- FLOPs per token = 6 × (weights each token uses; the head only on the positions it runs on: every position "
         "for causal LM, the masked ones for MLM) + 12 × layers × block × width for attention.",
+    ]
+    if spans:
+        f = spans[0]["flop_count"]
+        lines += [
+            f"- Tokens are the shared stream's block tokens, for every arm. A span arm makes each block of "
+            f"{f['block_size']} tokens into {f['encoder_length']} encoder input and {f['decoder_length']} target tokens "
+            "(the hidden spans, each behind its sentinel, and end-of-text); its tokens are the block tokens they were made "
+            "from, and its FLOPs per token = (6 × (encoder weights, cross-attention keys and values) × encoder length + "
+            "6 × (decoder weights and head) × target length + 12 × width × (encoder layers × encoder length² + decoder "
+            "layers × (target length² + target length × encoder length))) / block size.",
+            "- Layers × width: an encoder-decoder's layers are split between its encoder and decoder (encoder+decoder).",
+        ]
+    lines += [
         "- Probe: the exported Hugging Face folder, fine-tuned with AutoModelForSequenceClassification, and a logistic "
-        "regression on frozen mean-pooled last hidden states.",
+        "regression on frozen mean-pooled last hidden states"
+        + (" (an encoder-decoder's encoder states; T5's classifier reads the decoder's state at the input's "
+           "end-of-text)" if spans else "") + ".",
         "",
     ]
+    return lines
 
 
 def plot_links(plots: list[Path]) -> list[str]:
