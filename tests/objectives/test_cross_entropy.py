@@ -31,11 +31,15 @@ def loss_and_grads(loss_fn, features, weight, bias_V, targets, scale: float = 1.
     return loss.detach(), grads
 
 
+def fused(chunk_rows: int):
+    return lambda *args: linear_cross_entropy(*args, chunk_rows=chunk_rows)[0]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 8, 10, N, 1000])
 def test_equals_plain_cross_entropy(bias, chunk_rows):
     args = inputs(bias)
-    loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), *args, scale=3.0)
+    loss, grads = loss_and_grads(fused(chunk_rows), *args, scale=3.0)
     loss_ref, grads_ref = loss_and_grads(plain, *args, scale=3.0)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, grads_ref, strict=True):
@@ -45,14 +49,14 @@ def test_equals_plain_cross_entropy(bias, chunk_rows):
 def test_gradcheck_in_double():
     features, weight, bias_V, targets = inputs(bias=True, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda f, w, b: linear_cross_entropy(f, w, b, targets, chunk_rows=7), (features, weight, bias_V)
+        lambda f, w, b: linear_cross_entropy(f, w, b, targets, chunk_rows=7)[0], (features, weight, bias_V)
     )
 
 
 def test_without_grad_only_the_loss():
     features, weight, bias_V, targets = inputs(bias=True)
     with torch.no_grad():
-        loss = linear_cross_entropy(features, weight, bias_V, targets, chunk_rows=4)
+        loss, _ = linear_cross_entropy(features, weight, bias_V, targets, chunk_rows=4)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, plain(features, weight, bias_V, targets).detach())
 
@@ -60,7 +64,7 @@ def test_without_grad_only_the_loss():
 def test_only_some_inputs_need_grad():
     features, weight, _, targets = inputs(bias=False)
     frozen = weight.detach()
-    (grad,) = torch.autograd.grad(linear_cross_entropy(features, frozen, None, targets, chunk_rows=6), [features])
+    (grad,) = torch.autograd.grad(fused(6)(features, frozen, None, targets), [features])
     (grad_ref,) = torch.autograd.grad(plain(features, frozen, None, targets), [features])
     torch.testing.assert_close(grad, grad_ref)
 
@@ -69,13 +73,14 @@ def test_nothing_scored_is_nan_like_torch():
     features, weight, _, targets = inputs(bias=False)
     targets[:] = -100
     assert plain(features, weight, None, targets).isnan()
-    assert linear_cross_entropy(features, weight, None, targets).isnan()
+    loss, accuracy = linear_cross_entropy(features, weight, None, targets)
+    assert loss.isnan() and accuracy == 0
 
 
 def test_bf16_autocast_follows_the_plain_route():
     features, weight, bias_V, targets = inputs(bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=8), features, weight, bias_V, targets)
+        loss, grads = loss_and_grads(fused(8), features, weight, bias_V, targets)
         loss_ref, grads_ref = loss_and_grads(plain, features, weight, bias_V, targets)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, loss_ref, rtol=1e-3, atol=1e-3)
@@ -94,13 +99,25 @@ def test_every_model_fuses_its_own_head(family):
     targets = torch.randint(0, V, (N,))
     params = [hidden, *model.parameters()]
 
-    fused = vocab_cross_entropy(model, hidden, targets)
-    grads = torch.autograd.grad(fused, params, allow_unused=True)
+    loss, _ = vocab_cross_entropy(model, hidden, targets)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     reference = F.cross_entropy(model.logits(hidden).float(), targets)
     grads_ref = torch.autograd.grad(reference, params, allow_unused=True)
 
-    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(loss, reference)
     for got, want in zip(grads, grads_ref, strict=True):
         assert (got is None) == (want is None)
         if got is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 1000])
+def test_accuracy_is_the_share_of_scored_rows_predicted(chunk_rows):
+    features, weight, bias_V, targets = inputs(bias=True)
+    logits = F.linear(features, weight, bias_V)
+    targets[1::3] = logits.argmax(-1)[1::3]  # a third of the rows right for sure
+    scored = targets != -100
+    expected = ((logits.argmax(-1) == targets) & scored).sum() / scored.sum()
+    assert 0.3 < expected < 1
+    _, accuracy = linear_cross_entropy(features, weight, bias_V, targets, chunk_rows=chunk_rows)
+    torch.testing.assert_close(accuracy, expected)

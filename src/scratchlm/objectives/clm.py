@@ -45,4 +45,5 @@ class CausalLM:
         doc_ids = batch["doc_ids"] if self.document_masks else None
         hidden_BTD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids)
         # The head fused with the loss: no (B·T, V) logits are ever materialised.
-        return vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten()), {}
+        loss, accuracy = vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten())
+        return loss, {"accuracy": accuracy}

@@ -31,9 +31,10 @@ def linear_cross_entropy(
     bias_V: torch.Tensor | None,
     targets_N: torch.Tensor,
     chunk_rows: int | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.cross_entropy(F.linear(features, weight, bias).float(), targets, ignore_index=-100)``,
-    the mean over the scored rows, without materialising the logits.
+    the mean over the scored rows, without materialising the logits; and the accuracy, the
+    share of scored rows whose target has the highest logit (no gradient).
 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as the plain
     route does. ``chunk_rows`` overrides the chunk size (rows of ``features``) for tests."""
@@ -52,19 +53,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows):
         wants_grad = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_V is not None and ctx.needs_input_grad[2]]
         with torch.autocast(features_ND.device.type, enabled=False):
-            loss, grads = _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, wants_grad)
+            loss, accuracy, grads = _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, wants_grad)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has_grad = [g is not None for g in grads]
-        return loss
+        ctx.mark_non_differentiable(accuracy)
+        return loss, accuracy
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_accuracy):
         grads = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         return grads[0], grads[1], grads[2], None, None, None
 
 
 def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, wants_grad):
-    """(mean loss, [grad of features, weight, bias or None each]) for the loss's gradient 1."""
+    """(mean loss, accuracy, [grad of features, weight, bias or None each]) for the loss's gradient 1."""
     N, V = features_ND.shape[0], weight_VD.shape[0]
     scored_N = targets_N != IGNORE_INDEX
     n_scored = scored_N.sum()
@@ -92,6 +94,7 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     weight_grad_chunk = x_ND.new_empty(weight_VD.shape) if need_weight and low_precision else None
 
     loss_sum = torch.zeros((), dtype=softmax_dtype, device=x_ND.device)
+    correct = torch.zeros((), dtype=torch.long, device=x_ND.device)
     for start in range(0, N, rows):
         stop = min(N, start + rows)
         x_nD = x_ND[start:stop]
@@ -103,7 +106,9 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
         logprob_nV = torch.log_softmax(logits_nV, dim=-1, dtype=softmax_dtype, out=logprob_buffer[: stop - start])
         target_n1 = safe_targets_N1[start:stop]
         weight_n1 = row_weight_N1[start:stop]
-        loss_sum -= (logprob_nV.gather(1, target_n1) * scored_N[start:stop, None]).sum()
+        target_logprob_n1 = logprob_nV.gather(1, target_n1)
+        loss_sum -= (target_logprob_n1 * scored_N[start:stop, None]).sum()
+        correct += ((target_logprob_n1 >= logprob_nV.amax(1, keepdim=True)) & scored_N[start:stop, None]).sum()
         if not any_grad:
             continue
         grad_nV = logprob_nV.exp_()
@@ -122,19 +127,25 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
                 grad_w_VD.add_(torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk))
 
     loss = loss_sum / n_scored  # nan when nothing is scored, as F.cross_entropy
+    accuracy = correct / n_scored.clamp(min=1)
     grads = [
         None if grad_x_ND is None else grad_x_ND.to(features_ND.dtype),
         None if grad_w_VD is None else grad_w_VD.to(weight_VD.dtype),
         None if grad_b_V is None else grad_b_V.to(bias_V.dtype),
     ]
-    return loss, grads
+    return loss, accuracy, grads
 
 
-def vocab_cross_entropy(model: torch.nn.Module, hidden_ND: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``model``'s vocabulary head on hidden states (N, D) against targets
-    (N,), -100 unscored: fused when the model exposes ``vocab_projection`` (features, weight,
-    bias of its last linear layer), else through ``model.logits``."""
+def vocab_cross_entropy(
+    model: torch.nn.Module, hidden_ND: torch.Tensor, targets_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) of ``model``'s vocabulary head on hidden states (N, D)
+    against targets (N,), -100 unscored: fused when the model exposes ``vocab_projection``
+    (features, weight, bias of its last linear layer), else through ``model.logits``."""
     projection = getattr(model, "vocab_projection", None)
-    if projection is None:
-        return F.cross_entropy(model.logits(hidden_ND).float(), targets_N, ignore_index=IGNORE_INDEX)
-    return linear_cross_entropy(*projection(hidden_ND), targets_N)
+    if projection is not None:
+        return linear_cross_entropy(*projection(hidden_ND), targets_N)
+    logits_NV = model.logits(hidden_ND).float()
+    scored_N = targets_N != IGNORE_INDEX
+    accuracy = ((logits_NV.detach().argmax(-1) == targets_N) & scored_N).sum() / scored_N.sum().clamp(min=1)
+    return F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE_INDEX), accuracy

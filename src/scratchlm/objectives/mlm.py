@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.data import collate_blocks
 from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, model_mask, sample_generator
+from scratchlm.objectives.cross_entropy import vocab_cross_entropy
 
 
 @dataclass
@@ -135,8 +135,6 @@ class MaskedLM:
         else:
             chosen = labels_BT != IGNORE_INDEX
             hidden_ND, targets_N = hidden_BTD[chosen], labels_BT[chosen]
-        logits_NV = model.logits(hidden_ND)  # the head runs on chosen positions only
-        loss = F.cross_entropy(logits_NV.float(), targets_N, ignore_index=IGNORE_INDEX)
-        scored = targets_N != IGNORE_INDEX
-        accuracy = ((logits_NV.argmax(-1) == targets_N) & scored).sum() / scored.sum().clamp(min=1)
-        return loss, {"accuracy": accuracy.detach()}
+        # The head runs on chosen positions only, fused with the loss.
+        loss, accuracy = vocab_cross_entropy(model, hidden_ND, targets_N)
+        return loss, {"accuracy": accuracy}

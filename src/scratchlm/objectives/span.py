@@ -194,5 +194,5 @@ class SpanCorruption:
         hidden_BTD = model(
             batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"]
         )
-        loss = vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten())
-        return loss, {}
+        loss, accuracy = vocab_cross_entropy(model, hidden_BTD.flatten(0, 1), batch["labels"].flatten())
+        return loss, {"accuracy": accuracy}
