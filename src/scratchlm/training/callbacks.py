@@ -37,7 +37,7 @@ class TokenThroughput(L.Callback):
         self._tokens += batch["input_ids"].numel() * trainer.world_size
         self._marks.append((time.perf_counter(), self._tokens))
         if self._flops_per_token is None:
-            self._flops_per_token = flops_per_token(pl_module, batch["input_ids"].shape[-1])
+            self._flops_per_token = flops_per_token(pl_module, batch)
         if len(self._marks) < 2:
             return
         (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
@@ -53,15 +53,18 @@ class TokenThroughput(L.Callback):
         self._marks.clear()  # validation time is not training time
 
 
-def flops_per_token(pl_module, block_size: int) -> float:
-    """Training FLOPs per token of the module's model and objective; 0 (not logged) for
-    encoder-decoders, whose encoder and decoder see different numbers of tokens."""
+def flops_per_token(pl_module, batch: dict) -> float:
+    """Training FLOPs per token that ``train/tok_s`` counts (the ``input_ids`` of a batch) for the
+    module's model and objective. An encoder-decoder's count is put on the scale of its encoder
+    positions: S of them answered with T decoder positions."""
     model = pl_module.model
+    length = batch["input_ids"].shape[-1]
     if getattr(model, "is_encoder_decoder", False):
-        return 0.0
+        lengths = (length, batch["decoder_input_ids"].shape[-1])
+        return flop_count(model, pl_module.objective.name, length, 1.0, lengths=lengths).per_token
     masking = getattr(pl_module.objective, "masking", None)
     mask_rate = masking.mask_rate if masking is not None else 1.0
-    return flop_count(model, pl_module.objective.name, block_size, mask_rate).per_token
+    return flop_count(model, pl_module.objective.name, length, mask_rate).per_token
 
 
 def device_peak(trainer) -> float | None:
