@@ -197,6 +197,55 @@ def attend(
     )
 
 
+# --- normalisation -------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (Zhang & Sennrich 2019): ``nn.RMSNorm``'s
+    parameters and results, with a hand-written eager backward.
+
+    PyTorch's CPU ``rms_norm`` is a composite of six ops whose autograd keeps and re-reads their
+    intermediates; here the forward takes one fused reduction (``vector_norm``) and two
+    multiplies, and the backward seven passes with three temporaries. Under ``torch.compile``, or
+    for inputs that are not fp32, the plain composite runs (the compiler fuses it anyway)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        """With x̂ = x·rstd and g = grad_y·weight: grad_x = rstd·(g − x̂·mean(g·x̂)), grad_weight =
+        Σ grad_y·x̂ over every position."""
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        scratch = grad_y * x_hat
+        grad_weight = scratch.reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None
+        g = grad_y * weight
+        mean_g_x_hat = torch.mul(g, x_hat, out=scratch).mean(-1, keepdim=True)
+        grad_x = g.sub_(x_hat.mul_(mean_g_x_hat)).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
 # --- rotary position embeddings ------------------------------------------------------------------
 
 
@@ -222,12 +271,43 @@ def rope_cos_sin(
 
 
 def apply_rope(x_BHTK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys (B, H, T, K) by cos/sin of shape (T, K) or (B, T, K)."""
+    """Rotate queries or keys (B, H, T, K) by cos/sin of shape (T, K) or (B, T, K), as
+    ``rope_cos_sin`` lays them out; the result has the dtype ``x * cos`` would have."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, K): broadcast over heads
-    first, second = x_BHTK.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
-    return x_BHTK * cos + rotated_half * sin
+    if torch.compiler.is_compiling():  # the compiler fuses the plain formula into one kernel
+        first, second = x_BHTK.chunk(2, dim=-1)
+        return x_BHTK * cos + torch.cat([-second, first], dim=-1) * sin
+    return _Rotary.apply(x_BHTK, cos, sin)
+
+
+class _Rotary(torch.autograd.Function):
+    """Eager RoPE in four fused multiply-adds per direction, with no temporaries: ``x * cos +
+    rotate_half(x) * sin`` spelled out on the two halves. The rotation is orthogonal, so the
+    gradient is the same rotation by the opposite angle."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin, sin_sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, sin_sign=-1.0).to(ctx.x_dtype), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float) -> torch.Tensor:
+    """(x1·c − s·x2·sin, x2·c + s·x1·sin) on the halves x1, x2 of the last dimension (s = sin_sign);
+    cos/sin hold each frequency twice (``rope_cos_sin``), so their first halves suffice."""
+    half = x.shape[-1] // 2
+    cos_half, sin_half = cos[..., :half], sin[..., :half]
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos_half, out=out1).addcmul_(x2, sin_half, value=-sin_sign)
+    torch.mul(x2, cos_half, out=out2).addcmul_(x1, sin_half, value=sin_sign)
+    return out
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:

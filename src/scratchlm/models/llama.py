@@ -18,6 +18,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
+    RMSNorm,
     apply_rope,
     attend,
     build_attention_mask,
@@ -164,9 +165,9 @@ class LlamaBlock(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = GroupedQueryAttention(config)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.d_ff)
 
     def forward(
@@ -195,7 +196,7 @@ class Llama(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layers))
-        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         # Tied: no head module at all, so the shared matrix appears once in the state dict.
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_weights()
@@ -206,7 +207,7 @@ class Llama(nn.Module):
         stream's variance does not grow with depth (GPT-2 paper, §2.3; 2 such writes per block)."""
         init_normal(self, std=0.02)
         for module in self.modules():
-            if isinstance(module, nn.RMSNorm):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for block in self.blocks:

@@ -1,0 +1,80 @@
+"""The hand-written eager kernels equal what they replace, forward and backward."""
+
+import pytest
+import torch
+
+from torch import nn
+
+from scratchlm.models.layers import RMSNorm, apply_rope, rope_cos_sin
+
+
+def textbook(x, cos, sin):
+    """``x * cos + rotate_half(x) * sin`` (Su et al. 2021, in Hugging Face's half-split layout)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+@pytest.mark.parametrize("per_document", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rope_matches_the_formula(per_document, dtype):
+    generator = torch.Generator().manual_seed(0)
+    B, H, T, K = 3, 2, 7, 8
+    positions = torch.randint(0, 50, (B, T), generator=generator) if per_document else torch.arange(T)
+    cos, sin = rope_cos_sin(positions, K, theta=10000.0)
+    # A strided view, as queries are when split out of a fused projection.
+    qkv = torch.randn(B, T, 3, H, K, generator=generator).to(dtype)
+    x = qkv[:, :, 0].transpose(1, 2).detach().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad_out = torch.randn(B, H, T, K, generator=generator)
+
+    y, y_ref = apply_rope(x, cos, sin), textbook(x_ref, cos, sin)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref)
+    (grad,) = torch.autograd.grad(y, x, grad_out.to(y.dtype))
+    (grad_ref,) = torch.autograd.grad(y_ref, x_ref, grad_out.to(y.dtype))
+    assert grad.dtype == x.dtype
+    tolerance = {"rtol": 1.6e-2, "atol": 1.6e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(grad, grad_ref, **tolerance)
+
+
+def test_rope_rotates_by_the_position():
+    """Position p rotates pair (i, i + K/2) by p·theta^(-2i/K): position 0 leaves x as it is, and
+    a rotation keeps each pair's length."""
+    cos, sin = rope_cos_sin(torch.arange(5), 4, theta=100.0)
+    x = torch.randn(1, 1, 5, 4)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y[..., 0, :], x[..., 0, :])
+    pair_norms = lambda t: t[..., :2] ** 2 + t[..., 2:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norms(y), pair_norms(x))
+    angle = torch.tensor(3 * 100.0 ** (-2 * 1 / 4))  # position 3, pair 1 (dims 1 and 3)
+    expected = x[0, 0, 3, 1] * angle.cos() - x[0, 0, 3, 3] * angle.sin()
+    torch.testing.assert_close(y[0, 0, 3, 1], expected)
+
+
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_rms_norm_matches_torch(needs):
+    generator = torch.Generator().manual_seed(0)
+    ours, reference = RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16, generator=generator) + 0.5)
+        reference.weight.copy_(ours.weight)
+    x = (3 * torch.randn(4, 5, 16, generator=generator)).requires_grad_(needs != "weight")
+    grad_out = torch.randn(4, 5, 16, generator=generator)
+    torch.testing.assert_close(ours(x), reference(x))
+
+    def grads(module):
+        inputs = {"both": [x, module.weight], "input": [x], "weight": [module.weight]}[needs]
+        return torch.autograd.grad(module(x), inputs, grad_out)
+
+    for got, want in zip(grads(ours), grads(reference), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_rms_norm_in_other_dtypes_is_torch_composite():
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(RMSNorm(8, eps=1e-6).double(), (x,))
+    norm = RMSNorm(8, eps=1e-6).bfloat16()
+    bf16 = torch.randn(3, 8).bfloat16()
+    torch.testing.assert_close(norm(bf16), nn.functional.rms_norm(bf16, (8,), norm.weight, 1e-6))
