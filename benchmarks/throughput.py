@@ -35,6 +35,10 @@ What is compared
 - Optimizer: ``torch.optim.AdamW(lr=1e-4)`` with its defaults for both.
 - Tokens/s counts every token of the batch (B·T). Sequence 128 runs batch 32; by default the
   batch is 4096 // seq, so every case trains on 4096 tokens a step (batch 8 at seq 512).
+- Compilation: none by default (eager against eager). ``--compile ours`` compiles our model as
+  ``--model.compile true`` does in training (``nn.Module.compile()``, inductor; the loss stays
+  eager), ``--compile both`` compiles the HF model too, as ``Trainer(torch_compile=True)`` would.
+  Compilation happens in the warm-up steps and is not timed; the header says which side ran compiled.
 
 MFU (model FLOPs utilisation)
 -----------------------------
@@ -106,6 +110,9 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+COMPILED = {"none": "neither model (eager)", "ours": "scratchlm's model only", "both": "both models"}
+"""--compile -> what the header says."""
+
 TOKENS_PER_STEP = 4096
 """The default batch is TOKENS_PER_STEP // seq: 32 at seq 128, 8 at seq 512."""
 
@@ -162,7 +169,7 @@ def hf_inputs(objective_name: str, batch: dict[str, torch.Tensor]) -> dict[str, 
     return dict(input_ids=batch["input_ids"], labels=batch["input_ids"])
 
 
-def build_sides(family: str, batch_size: int, seq: int, seed: int) -> tuple[Side, Side, float]:
+def build_sides(family: str, batch_size: int, seq: int, seed: int, compile: str = "none") -> tuple[Side, Side, float]:
     """(scratchlm side, HF side, share of positions our head runs on) for one family."""
     torch.manual_seed(seed)
     spec = FAMILIES[family]
@@ -181,6 +188,10 @@ def build_sides(family: str, batch_size: int, seq: int, seed: int) -> tuple[Side
     inputs = hf_inputs(spec.objective, batch)
 
     scored = (batch["labels"] != -100).float().mean().item() if spec.objective == "mlm" else 1.0
+    if compile in ("ours", "both"):
+        ours.compile()
+    if compile == "both":
+        hf.compile()
     return (
         Side(ours, adamw(ours), lambda: objective.loss(ours, batch)[0]),
         Side(hf, adamw(hf), lambda: hf(**inputs).loss),
@@ -321,6 +332,7 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"# config: vocab={VOCAB}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), "
         f"llama n_kv_heads=4; batch={args.batch} seq={args.seq}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; AdamW(lr=1e-4); dropout 0.0 in both",
+        f"# compiled: {COMPILED[args.compile]}",
     ]
 
 
@@ -350,11 +362,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
+    parser.add_argument("--compile", choices=list(COMPILED), default="none",
+                        help="torch.compile our model, both models, or none (default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
     args.dtype = split_choices(parser, "--dtype", args.dtype, list(DTYPES))
     args.batch = args.batch or max(1, TOKENS_PER_STEP // args.seq)
+    if args.compile != "none":
+        args.warmup = max(args.warmup, 2)  # the first step compiles, the second may recompile for grad mode
     for name in ("seq", "batch", "steps", "rounds", "peak_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -381,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header(args, peaks)), flush=True)
     for family in (f for f in args.family if f in FAMILIES and f in TARGETS):
         for dtype in args.dtype:
-            ours, hf, scored = build_sides(family, args.batch, args.seq, args.seed)
+            ours, hf, scored = build_sides(family, args.batch, args.seq, args.seed, args.compile)
             loss_ours, loss_hf = first_losses(ours, hf, dtype)
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
                   f"head_share={scored:.3f} load={load_average()}", flush=True)
