@@ -56,7 +56,9 @@ with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
   decoder (the tied embedding matrix, or llama's untied head) plus the head's own dense layer
   (bert, modernbert), times ``s``, the share of positions the head runs on: all of them for CLM,
   the chosen 15% for MLM (measured on the batch). Work HF does beyond that (the MLM head on every
-  position) is not model FLOPs and does not count.
+  position) is not model FLOPs and does not count. The same goes for bert's last block, which
+  runs its queries, output projection and MLP on the chosen positions only (keys and values on
+  all): those weights count on the chosen share.
 - ``12·L·T·D``: attention scores (Q·Kᵀ) and the weighted sum (A·V), 2·T·D FLOPs each per token and
   layer in the forward pass, ×3 with the backward. As in PaLM, the whole T×T is counted for causal
   and windowed attention too, though a fused kernel may skip the masked half.
@@ -263,14 +265,19 @@ def linear_weights(module: nn.Module | None, skip_shape: tuple[int, int] | None 
 
 
 def flops_per_token(model: nn.Module, seq: int, scored: float) -> float:
-    """Training FLOPs per token: 6·N_blocks + 6·N_head·scored + 12·L·T·D (see the module docstring)."""
+    """Training FLOPs per token: 6·N_blocks + 6·N_head·scored + 12·L·T·D (see the module docstring),
+    with the last block's work outside its keys and values on the scored share too when the
+    model computes it at the masked positions only (``takes_positions``, MLM)."""
     config = model.config
     V, D, L = config.vocab_size, config.d_model, config.n_layers
     n_blocks = linear_weights(model.blocks)
     # The decoder is V×D whether tied to the embedding or a separate Linear (counted once); the
     # head's own dense layer (bert, modernbert) runs on the same positions as the decoder.
     n_head = V * D + linear_weights(getattr(model, "head", None), skip_shape=(V, D))
-    return 6 * n_blocks + 6 * n_head * scored + 12 * L * seq * D
+    sparse_tail = scored < 1.0 and getattr(model, "takes_positions", False)
+    n_tail = linear_weights(model.blocks[-1]) - 2 * D * D if sparse_tail else 0
+    attention_layers = L - 1 + scored if sparse_tail else L
+    return 6 * (n_blocks - n_tail) + 6 * (n_head + n_tail) * scored + 12 * attention_layers * seq * D
 
 
 def matmul_peak(dtype: torch.dtype, size: int, repeats: int = 5) -> float:

@@ -84,14 +84,20 @@ def test_throughput_skips_unregistered_families(throughput, monkeypatch, capsys)
 
 
 def test_throughput_flops_count_the_head_where_it_runs(throughput):
-    """6·N per token with N the block matmuls, the MLM head on its share of positions only."""
+    """6·N per token with N the block matmuls, the MLM head on its share of positions only, and
+    bert's last block, but for its keys and values, on that share too."""
     ours, _, _ = throughput.build_sides("bert", batch_size=1, seq=8, seed=0)
     model = ours.model
     D, V, L, F = 256, throughput.VOCAB, 4, 1024
-    blocks = L * (4 * D * D + 2 * D * F)
+    block = 4 * D * D + 2 * D * F
+    tail = block - 2 * D * D  # queries, output projection, MLP of the last block
     head = V * D + D * D
     assert throughput.flops_per_token(model, seq=8, scored=0.15) == pytest.approx(
-        6 * blocks + 6 * head * 0.15 + 12 * L * 8 * D
+        6 * (L * block - tail) + 6 * (head + tail) * 0.15 + 12 * (L - 1 + 0.15) * 8 * D
+    )
+    gpt2, _, _ = throughput.build_sides("gpt2", batch_size=1, seq=8, seed=0)
+    assert throughput.flops_per_token(gpt2.model, seq=8, scored=1.0) == pytest.approx(
+        6 * L * block + 6 * V * D + 12 * L * 8 * D
     )
 
 

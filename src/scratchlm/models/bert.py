@@ -109,6 +109,8 @@ class Bert(nn.Module):
     """
 
     is_causal = False
+    takes_positions = True
+    """``forward`` can compute hidden states at chosen positions only (see ``positions``)."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -131,6 +133,7 @@ class Bert(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         *,
         doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after the last block.
 
@@ -141,16 +144,26 @@ class Bert(nn.Module):
             token_type_ids: (B, T) segment ids; None means all zeros.
             doc_ids: (B, T) document id per token, -1 at padding; keeps attention inside each
                 packed document (see :func:`~scratchlm.models.layers.build_attention_mask`).
+            positions: (B, Q) the only positions whose hidden states are wanted (the masked
+                ones, for MLM): the last block then computes queries, residuals and MLP there
+                alone, keys and values everywhere. The result equals those rows of the full
+                output; the last block costs about Q/T of itself.
 
         Returns:
-            (B, T, D) hidden states.
+            (B, T, D) hidden states, or (B, Q, D) at ``positions``.
         """
         check_length(input_ids.shape[1], self.config.max_positions)
         mask = build_attention_mask(attention_mask, causal=False, doc_ids=doc_ids, flex=True)
         x_BTD = self.embeddings(input_ids, token_type_ids)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x_BTD = block(x_BTD, mask)
-        return x_BTD
+        return self.blocks[-1](x_BTD, mask, positions)
+
+    def tail_params(self) -> int:
+        """Parameters of the last block that run only at ``positions`` when given: all but the
+        key and value projections, which every position still needs."""
+        D = self.config.d_model
+        return sum(p.numel() for p in self.blocks[-1].parameters()) - 2 * (D * D + D)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits (..., V) for hidden states (..., D): any positions, e.g. only masked ones."""

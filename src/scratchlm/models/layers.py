@@ -345,8 +345,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, D), mask from :func:`build_attention_mask` (dense, flex or None) -> (B, T, D)."""
+    def forward(
+        self, x_BTD: torch.Tensor, mask: torch.Tensor | None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, D), mask from :func:`build_attention_mask` (dense, flex or None) -> (B, T, D).
+
+        ``queries`` (B, Q) restricts the output to those positions of each row -> (B, Q, D): keys
+        and values still come from every position, queries and the output projection only from
+        those (bidirectional attention only)."""
+        if queries is not None:
+            return self.forward_at(x_BTD, mask, queries)
         B, T, D = x_BTD.shape
         H = self.n_heads
         qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
@@ -355,6 +363,37 @@ class SelfAttention(nn.Module):
         y_BHTK = attend(q_BHTK, k_BHTK, v_BHTK, mask, dropout_p=dropout_p, causal=self.causal)
         y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)
         return self.resid_dropout(self.proj(y_BTD))
+
+    def forward_at(self, x_BTD: torch.Tensor, mask: torch.Tensor | None, queries_BQ: torch.Tensor) -> torch.Tensor:
+        if self.causal:
+            raise ValueError("queries at chosen positions are for bidirectional attention only")
+        B, T, D = x_BTD.shape
+        H, Q = self.n_heads, queries_BQ.shape[1]
+        w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+        b_q, b_kv = self.qkv.bias.split([D, 2 * D])
+        q_BHQK = F.linear(gather_positions(x_BTD, queries_BQ), w_q, b_q).view(B, Q, H, D // H).transpose(1, 2)
+        kv = F.linear(x_BTD, w_kv, b_kv).view(B, T, 2, H, D // H)
+        k_BHTK, v_BHTK = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y_BHQK = attend(q_BHQK, k_BHTK, v_BHTK, mask_rows(mask, queries_BQ), dropout_p=dropout_p, causal=False)
+        return self.resid_dropout(self.proj(y_BHQK.transpose(1, 2).reshape(B, Q, D)))
+
+
+def gather_positions(x_BTD: torch.Tensor, positions_BQ: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D): row b's vectors at ``positions_BQ[b]``."""
+    return x_BTD.gather(1, positions_BQ[..., None].expand(-1, -1, x_BTD.shape[-1]))
+
+
+def mask_rows(mask: "torch.Tensor | FlexMask | None", queries_BQ: torch.Tensor) -> torch.Tensor | None:
+    """The rows of an attention mask (dense (B, 1, T, T) or (T, T), or a :class:`FlexMask`) that
+    belong to the query positions ``queries_BQ`` -> (B, 1, Q, T); None stays None."""
+    if mask is None:
+        return None
+    if isinstance(mask, FlexMask):
+        mask = mask.dense()
+    if mask.dim() == 2:  # (T, T), the same for every row
+        return mask[queries_BQ][:, None]
+    return mask.gather(2, queries_BQ[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
 
 
 class PostNormEncoderBlock(nn.Module):
@@ -369,8 +408,15 @@ class PostNormEncoderBlock(nn.Module):
         self.mlp = MLP(config.d_model, config.d_ff, config.dropout, gelu="none")
         self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = self.attn_norm(x_BTD + self.attn(x_BTD, mask))
+    def forward(
+        self, x_BTD: torch.Tensor, mask: torch.Tensor | None, queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), or (B, Q, D) at the positions ``queries`` (B, Q) only: what
+        those positions of the full output would be, computed there alone."""
+        attended = self.attn(x_BTD, mask, queries)
+        if queries is not None:
+            x_BTD = gather_positions(x_BTD, queries)
+        x_BTD = self.attn_norm(x_BTD + attended)
         return self.mlp_norm(x_BTD + self.mlp(x_BTD))
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.data import collate_blocks
+from scratchlm.models.layers import gather_positions
 from scratchlm.objectives.batch import IGNORE_INDEX, content_generator, model_mask, sample_generator
 from scratchlm.objectives.cross_entropy import vocab_cross_entropy
 
@@ -125,16 +126,23 @@ class MaskedLM:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         doc_ids = batch["doc_ids"] if self.document_masks else None
-        hidden_BTD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids)
         labels_BT = batch["labels"]
-        if self.masking.fixed_count:
-            # k positions per row, chosen ones first: a static shape, with no sync for a nonzero count.
-            index_BK = (labels_BT != IGNORE_INDEX).to(torch.int8).topk(self.count(labels_BT.shape[1]), dim=1).indices
-            hidden_ND = hidden_BTD.gather(1, index_BK[..., None].expand(-1, -1, hidden_BTD.shape[-1])).flatten(0, 1)
-            targets_N = labels_BT.gather(1, index_BK).flatten()
+        chosen_BT = labels_BT != IGNORE_INDEX
+        # Each row's chosen positions first, in as many columns as the fullest row needs: k under
+        # fixed_count (a static shape, no sync), else the largest count in the batch.
+        width = self.count(labels_BT.shape[1]) if self.masking.fixed_count else int(chosen_BT.sum(1).max().clamp(min=1))
+        index_BK = chosen_BT.to(torch.int8).topk(width, dim=1).indices
+        if getattr(model, "takes_positions", False):
+            # The last block runs only where the loss looks.
+            hidden_BKD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids, positions=index_BK)
         else:
-            chosen = labels_BT != IGNORE_INDEX
-            hidden_ND, targets_N = hidden_BTD[chosen], labels_BT[chosen]
+            hidden_BKD = gather_positions(model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids), index_BK)
+        targets_BK = labels_BT.gather(1, index_BK)
+        if self.masking.fixed_count:
+            hidden_ND, targets_N = hidden_BKD.flatten(0, 1), targets_BK.flatten()
+        else:  # the filler columns of rows with fewer chosen positions go
+            kept_BK = targets_BK != IGNORE_INDEX
+            hidden_ND, targets_N = hidden_BKD[kept_BK], targets_BK[kept_BK]
         # The head runs on chosen positions only, fused with the loss.
         loss, accuracy = vocab_cross_entropy(model, hidden_ND, targets_N)
         return loss, {"accuracy": accuracy}

@@ -31,14 +31,20 @@ class FlopCount:
     n_layers: int
     block_size: int
     d_model: int
+    tail: int = 0
+    """Weights of the body that run, like the head, on the head's share of positions only: the
+    last block's all but its keys and values, when the model computes it at the masked positions
+    alone (``takes_positions``; see ``models.bert``)."""
 
     @property
-    def attention(self) -> int:
-        return 12 * self.n_layers * self.block_size * self.d_model
+    def attention(self) -> float:
+        sparse_layers = 1 if self.tail else 0  # its queries on the head's share only
+        layers = self.n_layers - sparse_layers + sparse_layers * self.head_fraction
+        return 12 * layers * self.block_size * self.d_model
 
     @property
     def per_token(self) -> float:
-        return 6 * (self.body + self.head_fraction * self.head) + self.attention
+        return 6 * (self.body - self.tail + self.head_fraction * (self.tail + self.head)) + self.attention
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -66,6 +72,7 @@ def flop_count(
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head_outside_tables = sum(p.numel() for p in head if id(p) not in tables)
     config = model.config
+    sparse_tail = objective == "mlm" and getattr(model, "takes_positions", False)
     return FlopCount(
         body=model.num_params(exclude_embeddings=True) - head_outside_tables,
         head=sum(p.numel() for p in head),
@@ -73,6 +80,7 @@ def flop_count(
         n_layers=config.n_layers,
         block_size=block_size,
         d_model=config.d_model,
+        tail=model.tail_params() if sparse_tail else 0,
     )
 
 
