@@ -76,11 +76,13 @@ def test_encoder_decoder_flop_formula_matches_what_torch_counts(family):
 
 
 def test_the_mlm_head_counts_only_on_masked_positions():
+    """And so does the last block but for its keys and values: the model runs it there alone."""
     model = tiny("modernbert")
     clm = flop_count(model, "clm", T, mask_rate=0.3)
     mlm = flop_count(model, "mlm", T, mask_rate=0.3)
-    assert mlm.body == clm.body and mlm.head == clm.head
-    assert clm.per_token - mlm.per_token == pytest.approx(6 * 0.7 * clm.head)
+    assert mlm.body == clm.body and mlm.head == clm.head and clm.tail == 0 < mlm.tail
+    last_layer_attention = 12 * T * model.config.d_model
+    assert clm.per_token - mlm.per_token == pytest.approx(6 * 0.7 * (clm.head + mlm.tail) + 0.7 * last_layer_attention)
 
 
 def test_head_parameters_include_the_tied_output_matrix():

@@ -14,13 +14,15 @@ V, B, T = 64, 3, 16
 
 def tiny(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = build_config(family, "tiny", vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
+    arch = {"local_window": 6} if family == "modernbert" else {}  # a window shorter than T: a band mask
+    config = build_config(family, "tiny", vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, **arch)
     return build_model(family, config).eval()
 
 
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
 @pytest.mark.parametrize("masks", ["none", "padding", "documents"])
-def test_positions_give_those_rows_of_the_full_output(masks):
-    model = tiny("bert")
+def test_positions_give_those_rows_of_the_full_output(family, masks):
+    model = tiny(family)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(5, V, (B, T), generator=generator)
     attention_mask = torch.ones(B, T, dtype=torch.bool)
@@ -49,7 +51,7 @@ def test_positions_give_those_rows_of_the_full_output(masks):
 @pytest.mark.parametrize("fixed_count", [False, True])
 def test_mlm_loss_is_the_same_with_and_without_positions(fixed_count):
     """The loss through the short cut equals the loss of a model that computes every position."""
-    model = tiny("bert")
+    model = tiny("modernbert")
     info = TokenizerInfo(
         path="(synthetic)", vocab_size=V, pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, eos_id=None, bos_id=None,
         special_ids=(0, 1, 2, 3, 4), model_max_length=None, file_texts={},
@@ -76,7 +78,8 @@ def test_mlm_loss_is_the_same_with_and_without_positions(fixed_count):
     torch.testing.assert_close(metrics["accuracy"], metrics_ref["accuracy"])
 
 
-def test_mlm_flops_count_the_last_block_on_the_masked_share():
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_mlm_flops_count_the_last_block_on_the_masked_share(family):
     """The FLOPs of training bert with MLM count the last block's queries, output projection and
     MLP on the masked positions only, as it runs them: within 5% of what torch counts."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -84,7 +87,7 @@ def test_mlm_flops_count_the_last_block_on_the_masked_share():
 
     from scratchlm.training.flops import flop_count
 
-    model, length, chosen = tiny("bert"), 64, 16
+    model, length, chosen = tiny(family), 64, 16
     ids = torch.randint(5, V, (1, length))
     positions = torch.randperm(length)[:chosen][None]
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -94,3 +97,10 @@ def test_mlm_flops_count_the_last_block_on_the_masked_share():
     assert count.per_token / 3 == pytest.approx(counter.get_total_flops() / length, rel=0.05)
     dense = flop_count(model, "clm", length, mask_rate=1.0)  # every position through every layer
     assert dense.tail == 0 and dense.per_token > count.per_token
+
+
+def test_causal_models_take_no_positions():
+    model = tiny("modernbert-causal")
+    assert not model.takes_positions
+    with pytest.raises(ValueError, match="bidirectional"):
+        model(torch.randint(5, V, (1, 8)), positions=torch.zeros(1, 2, dtype=torch.long))

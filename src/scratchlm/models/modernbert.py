@@ -36,6 +36,8 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
+    gather_positions,
+    mask_rows,
     positions_in_documents,
     rope_cos_sin,
 )
@@ -131,28 +133,44 @@ class RotaryAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x_BTD: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x_BTD: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D), mask (B, 1, T, T) or (T, T) bool or None, cos/sin (T, K) or (B, T, K) in
-        fp32 -> (B, T, D)."""
+        fp32 -> (B, T, D); or (B, Q, D) at the positions ``queries`` (B, Q) only, keys and values
+        still from every position (bidirectional attention only)."""
         B, T, D = x_BTD.shape
         H = self.n_heads
-        qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
-        q_BHTK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
+        if queries is None:
+            qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
+            q_BHQK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
+            cos_q, sin_q = cos, sin
+        else:
+            if self.causal:
+                raise ValueError("queries at chosen positions are for bidirectional attention only")
+            w_q, w_kv = self.qkv.weight.split([D, 2 * D])
+            q_BHQK = F.linear(gather_positions(x_BTD, queries), w_q).view(B, -1, H, D // H).transpose(1, 2)
+            k_BHTK, v_BHTK = F.linear(x_BTD, w_kv).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+            cos_q, sin_q = (t[queries] if t.dim() == 2 else gather_positions(t, queries) for t in (cos, sin))
+            mask = mask_rows(mask, queries)
         # Rotate in fp32, then back to the compute dtype (as HF does): under bf16 autocast q and k
         # would otherwise reach SDPA in fp32 and v in bf16.
-        q_BHTK = apply_rope(q_BHTK.float(), cos, sin).to(v_BHTK.dtype)
+        q_BHQK = apply_rope(q_BHQK.float(), cos_q, sin_q).to(v_BHTK.dtype)
         k_BHTK = apply_rope(k_BHTK.float(), cos, sin).to(v_BHTK.dtype)
-        y_BHTK = F.scaled_dot_product_attention(
-            q_BHTK,
+        y_BHQK = F.scaled_dot_product_attention(
+            q_BHQK,
             k_BHTK,
             v_BHTK,
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,  # an explicit mask already holds causality
         )
-        y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)
-        return self.resid_dropout(self.proj(y_BTD))
+        y_BQD = y_BHQK.transpose(1, 2).reshape(B, -1, D)  # (B, Q, H, K) -> (B, Q, D)
+        return self.resid_dropout(self.proj(y_BQD))
 
 
 class GeGLU(nn.Module):
@@ -190,9 +208,18 @@ class ModernBertBlock(nn.Module):
         self.mlp = GeGLU(config)
 
     def forward(
-        self, x_BTD: torch.Tensor, mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x_BTD: torch.Tensor,
+        mask: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), mask, cos, sin)
+        """(B, T, D) -> (B, T, D), or (B, Q, D) at the positions ``queries`` (B, Q) only."""
+        attended = self.attn(self.attn_norm(x_BTD), mask, cos, sin, queries)
+        if queries is not None:
+            x_BTD = gather_positions(x_BTD, queries)
+        x_BTD = x_BTD + attended
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -235,6 +262,8 @@ class ModernBert(nn.Module):
     """
 
     is_causal = False
+    takes_positions = True
+    """``forward`` can compute hidden states at chosen positions only (see ``positions``)."""
 
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
@@ -282,6 +311,7 @@ class ModernBert(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states after the final LayerNorm.
 
@@ -294,25 +324,39 @@ class ModernBert(nn.Module):
                 Attention stays inside each packed document and rotary positions restart at 0 at
                 each document's first token, so a document computes exactly what it would alone
                 (the HF classes take such restarting ``position_ids`` too).
+            positions: (B, Q) the only positions whose hidden states are wanted (the masked ones,
+                for MLM; the encoder only): the last block then computes queries, residuals and
+                MLP there alone, keys and values everywhere. The result equals those rows of the
+                full output.
 
         Returns:
-            (B, T, D) hidden states.
+            (B, T, D) hidden states, or (B, Q, D) at ``positions``.
         """
         T = input_ids.shape[1]
         check_length(T, self.config.max_positions)
         device = input_ids.device
         global_mask = build_attention_mask(attention_mask, causal=self.is_causal, doc_ids=doc_ids)
         masks = {True: global_mask, False: local_mask(global_mask, self.window_band(T, device))}
-        positions = torch.arange(T, device=device) if doc_ids is None else positions_in_documents(doc_ids)
+        token_positions = torch.arange(T, device=device) if doc_ids is None else positions_in_documents(doc_ids)
         K = self.config.head_dim
         rope = {  # (..., T, K) cosines and sines of global and of local blocks
-            True: rope_cos_sin(positions, K, self.config.global_rope_theta),
-            False: rope_cos_sin(positions, K, self.config.local_rope_theta),
+            True: rope_cos_sin(token_positions, K, self.config.global_rope_theta),
+            False: rope_cos_sin(token_positions, K, self.config.local_rope_theta),
         }
         x_BTD = self.emb_dropout(self.emb_norm(self.tok_emb(input_ids)))
-        for block in self.blocks:
+        *body, last = self.blocks
+        for block in body:
             x_BTD = block(x_BTD, masks[block.is_global], *rope[block.is_global])
-        return self.final_norm(x_BTD)
+        return self.final_norm(last(x_BTD, masks[last.is_global], *rope[last.is_global], positions))
+
+    def tail_params(self) -> int:
+        """Parameters of the last block that run only at ``positions`` when given: all but the
+        key and value projections (and the attention norm before them), which every position
+        still needs."""
+        last = self.blocks[-1]
+        return sum(p.numel() for p in last.parameters()) - 2 * self.config.d_model**2 - sum(
+            p.numel() for p in last.attn_norm.parameters()
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) for hidden states (..., D): any positions, e.g. only masked ones."""
@@ -334,6 +378,7 @@ class ModernBertCausal(ModernBert):
     ``logits`` gives next-token logits. HF's ``ModernBertDecoderForCausalLM`` is this model."""
 
     is_causal = True
+    takes_positions = False
 
     def window_band(self, length: int, device: torch.device) -> torch.Tensor | None:
         """(T, T) bool, True where query i may attend key j in a local block: 0 <= i - j <
