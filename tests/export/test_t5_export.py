@@ -161,6 +161,9 @@ def test_configs_describe_the_model(exported):
     assert (config["num_layers"], config["num_decoder_layers"]) == (2, 2)
     assert (config["relative_attention_num_buckets"], config["relative_attention_max_distance"]) == (8, 20)
     assert config["feed_forward_proj"] == "gated-gelu" and config["scale_decoder_outputs"] is False
+    # transformers 4 reads only this field: true would tie the head to the embedding and scale the
+    # decoder output, and the folder would give other logits there.
+    assert config["tie_word_embeddings"] is False
     assert (config["pad_token_id"], config["eos_token_id"], config["decoder_start_token_id"]) == (0, 1, 0)
     generation = json.loads((folder / "generation_config.json").read_text())
     assert (generation["decoder_start_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (0, 1, 0)

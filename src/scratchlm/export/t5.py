@@ -87,11 +87,14 @@ def hf_config(config: T5Config, special_ids: dict[str, int | None]) -> transform
     """The ``transformers.T5Config`` that makes ``T5ForConditionalGeneration`` compute what ``T5`` does.
 
     ``tie_word_embeddings=False`` keeps HF from scaling the decoder output by d_model^-0.5 before
-    the head. (transformers 5 records that as ``scale_decoder_outputs: false`` and saves
-    ``tie_word_embeddings: true``; the head is still loaded as its own matrix, because
-    ``lm_head.weight`` and ``shared.weight`` both come from the file with different values.)
+    the head. transformers 5 records that as ``scale_decoder_outputs: false`` and sets
+    ``tie_word_embeddings`` back to true (the head is still loaded as its own matrix, because
+    ``lm_head.weight`` and ``shared.weight`` both come from the file with different values); it is
+    written as false again, because transformers 4 reads only that field: with ``true`` it ties the
+    head to the embedding and scales the decoder output (max |logit difference| 4.5 on 4.57).
+    transformers 5 reads the written false as ``scale_decoder_outputs = false`` too.
     """
-    return transformers.T5Config(
+    hf = transformers.T5Config(
         architectures=[HF_CLASS.__name__],
         vocab_size=config.vocab_size,
         d_model=config.d_model,
@@ -111,3 +114,5 @@ def hf_config(config: T5Config, special_ids: dict[str, int | None]) -> transform
         eos_token_id=special_ids.get("eos"),
         decoder_start_token_id=special_ids.get("pad"),
     )
+    hf.tie_word_embeddings = False
+    return hf
