@@ -262,7 +262,9 @@ def notes(m: dict) -> list[str]:
         "- The held-out loss of each arm's own objective (masked tokens at the training rate, next tokens"
         + (", or span-corruption targets" if spans else "") + ") is not one scale across objectives: no winner is named on it.",
         "- FLOPs per token = 6 × (weights each token uses; the head only on the positions it runs on: every position "
-        "for causal LM, the masked ones for MLM) + 12 × layers × block × width for attention.",
+        "for causal LM, the masked ones for MLM, where the last encoder block too runs at the masked positions "
+        "alone but for its keys and values) + 12 × layers × block × width for attention (the last MLM layer's "
+        "queries on the masked share).",
     ]
     if spans:
         f = spans[0]["flop_count"]
