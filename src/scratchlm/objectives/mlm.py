@@ -92,8 +92,20 @@ class MaskedLM:
         input_ids[to_mask] = self.mask_id
         draws = torch.randint(len(self.ordinary_ids), (int(to_random.sum()),), generator=generator)
         input_ids[to_random] = self.ordinary_ids[draws]
-        batch.update(input_ids=input_ids, labels=labels)
+        masked_positions, masked_rows = self.where_to_predict(labels)
+        batch.update(input_ids=input_ids, labels=labels, masked_positions=masked_positions, masked_rows=masked_rows)
         return batch
+
+    def where_to_predict(self, labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions (B, K), rows (N,)): each row's chosen positions first, in as many columns as
+        the fullest row needs (k under ``fixed_count``); and which of the B·K (row, column) pairs
+        hold a chosen position. Computed at collate time, on the CPU, so that the training step
+        needs no host-device synchronisation to find the masked tokens."""
+        chosen_BT = labels_BT != IGNORE_INDEX
+        width = self.count(labels_BT.shape[1]) if self.masking.fixed_count else int(chosen_BT.sum(1).max().clamp(min=1))
+        positions_BK = chosen_BT.to(torch.int8).topk(width, dim=1).indices
+        rows_N = (labels_BT.gather(1, positions_BK) != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        return positions_BK, rows_N
 
     def choose(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         """(B, T) bool: the positions to predict. Special tokens and padding are never chosen; at
@@ -127,22 +139,18 @@ class MaskedLM:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         doc_ids = batch["doc_ids"] if self.document_masks else None
         labels_BT = batch["labels"]
-        chosen_BT = labels_BT != IGNORE_INDEX
-        # Each row's chosen positions first, in as many columns as the fullest row needs: k under
-        # fixed_count (a static shape, no sync), else the largest count in the batch.
-        width = self.count(labels_BT.shape[1]) if self.masking.fixed_count else int(chosen_BT.sum(1).max().clamp(min=1))
-        index_BK = chosen_BT.to(torch.int8).topk(width, dim=1).indices
+        if "masked_positions" in batch:
+            index_BK, rows_N = batch["masked_positions"], batch["masked_rows"]
+        else:  # a batch built elsewhere
+            index_BK, rows_N = self.where_to_predict(labels_BT)
         if getattr(model, "takes_positions", False):
             # The last block runs only where the loss looks.
             hidden_BKD = model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids, positions=index_BK)
         else:
             hidden_BKD = gather_positions(model(batch["input_ids"], model_mask(batch), doc_ids=doc_ids), index_BK)
-        targets_BK = labels_BT.gather(1, index_BK)
-        if self.masking.fixed_count:
-            hidden_ND, targets_N = hidden_BKD.flatten(0, 1), targets_BK.flatten()
-        else:  # the filler columns of rows with fewer chosen positions go
-            kept_BK = targets_BK != IGNORE_INDEX
-            hidden_ND, targets_N = hidden_BKD[kept_BK], targets_BK[kept_BK]
+        # The filler columns of rows with fewer chosen positions go.
+        hidden_ND = hidden_BKD.flatten(0, 1).index_select(0, rows_N)
+        targets_N = labels_BT.gather(1, index_BK).flatten().index_select(0, rows_N)
         # The head runs on chosen positions only, fused with the loss.
         loss, accuracy = vocab_cross_entropy(model, hidden_ND, targets_N)
         return loss, {"accuracy": accuracy}
