@@ -40,6 +40,7 @@ def scrambled() -> nn.Module:
                 p.copy_(0.08 * torch.randn_like(p))
             else:
                 p.copy_(0.2 * torch.randn_like(p))
+        model.logit_bias.copy_(0.05 * torch.randn_like(model.logit_bias))  # exported as final_logits_bias
     return model.eval()
 
 
@@ -153,7 +154,7 @@ def test_folder_loads_into_the_stock_class_with_one_shared_embedding(exported):
     assert hf.lm_head.weight.data_ptr() == shared
     assert hf.model.encoder.embed_tokens.weight.data_ptr() == shared
     assert hf.model.decoder.embed_tokens.weight.data_ptr() == shared
-    assert (hf.final_logits_bias == 0).all()
+    torch.testing.assert_close(hf.final_logits_bias[0], model.logit_bias)
     # HF's position tables have two extra rows (its offset) that ours do not.
     assert hf.num_parameters() == model.num_params() + 2 * 2 * 128
 

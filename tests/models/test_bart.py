@@ -32,7 +32,8 @@ def test_contract_shapes(model):
     assert model.logits(decoded).shape == (2, 7, VOCAB)
     torch.testing.assert_close(model(source, None, target), decoded)
     assert Bart.is_causal is False and Bart.is_encoder_decoder is True
-    assert list(model.buffers()) == []
+    # One buffer, the output bias (DDP broadcasts it from rank 0 at every forward: V floats).
+    assert [name for name, _ in model.named_buffers()] == ["logit_bias"]
 
 
 def test_registry_entry():
@@ -137,3 +138,32 @@ def test_trains_on_a_copy_task():
         optimizer.step()
     assert loss.item() < 0.5
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_output_bias_is_fitted_to_the_first_batch_of_a_run(tmp_path):
+    """A fresh run sets BART's output bias to the log unigram frequencies of its first batch's
+    targets (a model that otherwise collapses its encoder to learn them); logits use it."""
+    import lightning as L
+
+    from scratchlm import PretrainModule, TextDataModule, train_tokenizer
+
+    tokenizer = str(train_tokenizer(None, tmp_path / "tok", vocab_size=300, family="bart"))
+    module = PretrainModule(tokenizer=tokenizer, family="bart", arch={"n_layers": 1, "d_model": 32, "n_heads": 2, "d_ff": 64})
+    data = TextDataModule(tokenizer=tokenizer, block_size=32, batch_size=4, val_fraction=0)
+    seen = []
+
+    class FirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch["labels"].clone())
+
+    trainer = L.Trainer(
+        max_steps=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", callbacks=[FirstBatch()],
+    )
+    assert not module.model.logit_bias.any()
+    trainer.fit(module, data)
+    labels = seen[0][seen[0] >= 0]
+    counts = torch.bincount(labels, minlength=module.model.config.vocab_size).float() + 1
+    torch.testing.assert_close(module.model.logit_bias, counts.log() - counts.sum().log())  # the first batch only
+    hidden = torch.randn(3, 32)
+    torch.testing.assert_close(module.model.logits(hidden), hidden @ module.model.tok_emb.weight.T + module.model.logit_bias)

@@ -74,7 +74,8 @@ def name_map(config: BartConfig) -> dict[str, str | tuple[str, ...]]:
 def hf_state_dict(model: Bart) -> dict[str, torch.Tensor]:
     """The weights of ``model`` under ``BartForConditionalGeneration``'s names and layouts."""
     ours = dict(model.state_dict())
-    out: dict[str, torch.Tensor] = {}
+    # HF adds this (1, V) buffer to the logits, as ours adds ``logit_bias``.
+    out: dict[str, torch.Tensor] = {"final_logits_bias": ours.pop("logit_bias")[None].clone()}
     for name, target in name_map(model.config).items():
         tensor = ours.pop(name)
         if isinstance(target, tuple):
@@ -85,9 +86,6 @@ def hf_state_dict(model: Bart) -> dict[str, torch.Tensor]:
             out[target] = tensor
     if ours:
         raise AssertionError(f"bart parameters missing from the export name map: {sorted(ours)}")
-    # HF adds this (1, V) buffer to the logits; ours have no output bias. Written as zeros so that
-    # loading reports no missing weight.
-    out["final_logits_bias"] = torch.zeros(1, model.config.vocab_size)
     return out
 
 

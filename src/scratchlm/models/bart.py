@@ -144,8 +144,9 @@ class Bart(nn.Module):
     """BART encoder-decoder with its tied LM head.
 
     ``encode`` and ``decode`` return hidden states of the last block of each stack; ``logits``
-    projects decoder states onto the vocabulary with the shared token embedding (no output bias:
-    HF's ``final_logits_bias`` is exported as zeros). The decoder's first input is the decoder
+    projects decoder states onto the vocabulary with the shared token embedding plus a fixed
+    output bias, ``logit_bias`` (HF's ``final_logits_bias`` buffer; see :meth:`fit_logit_bias`).
+    The decoder's first input is the decoder
     start token, which is not part of the model: the objective and the exporter take it from the
     tokenizer (BART uses its end-of-text token, as HF's configs expect).
     """
@@ -161,6 +162,7 @@ class Bart(nn.Module):
         self.encoder_blocks = nn.ModuleList(PostNormEncoderBlock(config) for _ in range(config.n_layers))
         self.decoder_embeddings = BartEmbeddings(config)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
+        self.register_buffer("logit_bias", torch.zeros(config.vocab_size))
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -222,7 +224,18 @@ class Bart(nn.Module):
     def vocab_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(features, weight, bias) such that ``logits = F.linear(features, weight, bias)``: the
         head up to its vocabulary matmul, which a fused loss runs with the cross-entropy."""
-        return hidden, self.tok_emb.weight, None
+        return hidden, self.tok_emb.weight, self.logit_bias
+
+    @torch.no_grad()
+    def fit_logit_bias(self, labels: torch.Tensor) -> None:
+        """Set the output bias to the log unigram frequencies of ``labels`` (-100 skipped, add-one
+        smoothed), once, before training: the model then starts out knowing how common each
+        token is. Without it a small BART learns that first by collapsing its encoder to one
+        constant vector, which cross-attention passes on as the missing bias, and never uses
+        the encoder again (its tied head, read through a LayerNorm, has no other cheap way to
+        shift all logits). A buffer, not a parameter, as HF's ``final_logits_bias``."""
+        counts = torch.bincount(labels[labels >= 0], minlength=self.config.vocab_size).to(self.logit_bias)
+        self.logit_bias.copy_((counts + 1).log() - (counts + 1).sum().log())
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, the shared token table once; ``exclude_embeddings`` leaves out it and

@@ -106,6 +106,7 @@ class PretrainModule(L.LightningModule):
         self.skipped_steps = 0
         self.compile = compile
         self._compile_proven = not compile
+        self._fitted_to_data = False
         self._val_sum = self._val_count = None
 
     def _build_objective(
@@ -191,6 +192,14 @@ class PretrainModule(L.LightningModule):
             result = self.objective.loss(self.model, batch)
         self._compile_proven = True
         return result
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # A model that fits a part of itself to the data (BART's output bias) does so on the first
+        # batch of a run from scratch; a resumed run finds it in its checkpoint.
+        fit = getattr(self.model, "fit_logit_bias", None)
+        if fit is not None and self.global_step == 0 and not self._fitted_to_data:
+            fit(batch["labels"])
+        self._fitted_to_data = True
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss, metrics = self.compiled_loss(batch)
