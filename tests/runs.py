@@ -46,3 +46,32 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
+
+
+def text2text_pipeline_is_our_greedy_decode(folder: Path, checkpoint: Path, text: str, start_role: str) -> None:
+    """The transformers 4.x ``text2text-generation`` pipeline on an exported folder, asked for
+    greedy decoding (its own default is 4 beams): its tokens are our own model's greedy decode of
+    ``checkpoint`` from the tokenizer's ``start_role`` token, and its text is those tokens read
+    back with the exported tokenizer."""
+    from transformers import AutoTokenizer, pipeline
+
+    from scratchlm.models.seq2seq import greedy_decode
+    from scratchlm.training.checkpoint import TrainedModel
+
+    generator = pipeline("text2text-generation", model=str(folder))
+    [written] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False)
+    [written_ids] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False, return_tensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = TrainedModel.from_checkpoint(checkpoint).model
+    inputs = tokenizer(text, return_tensors="pt")
+    start, pad, eos = getattr(tokenizer, f"{start_role}_token_id"), tokenizer.pad_token_id, tokenizer.eos_token_id
+    ours = greedy_decode(model, inputs.input_ids, None, start_id=start, max_new_tokens=12, eos_id=eos, pad_id=pad)[0]
+    assert len(ours) > 2  # the model wrote something before end-of-text: there is text to compare
+    assert written_ids["generated_token_ids"].tolist() == ours.tolist()
+    assert written["generated_text"] == tokenizer.decode(ours, skip_special_tokens=True)
+
+
+TEXT2TEXT_MISSING = (
+    "this transformers has no text2text-generation pipeline (removed in transformers 5; "
+    "AutoModelForSeq2SeqLM.generate() is tested instead)"
+)

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.pipelines import SUPPORTED_TASKS
 
-from runs import RECIPES, run_cli
+from runs import RECIPES, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
 from scratchlm.errors import ScratchLMError
-from scratchlm.models.seq2seq import greedy_decode
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule
-from scratchlm.training.checkpoint import TrainedModel
 
 # A small model and few steps; what is checked is the plumbing, not what the model learns.
 T5_FIT = [
@@ -61,28 +59,11 @@ def test_fit_validates_with_span_corruption(t5_run):
     assert val and all(0 < v < 7.0 for v in val)  # below ln(500) = 6.2 plus slack: it learned something
 
 
-@pytest.mark.skipif(
-    "text2text-generation" not in SUPPORTED_TASKS,
-    reason="this transformers has no text2text-generation pipeline (removed in transformers 5; "
-    "AutoModelForSeq2SeqLM.generate() is tested instead)",
-)
+@pytest.mark.skipif("text2text-generation" not in SUPPORTED_TASKS, reason=TEXT2TEXT_MISSING)
 def test_text2text_pipeline_writes_our_greedy_decode(t5_run):
-    """The transformers 4.x pipeline on the printed folder, asked for greedy decoding (its own
-    default is 4 beams): its tokens are our own model's greedy decode, and its text is those tokens
-    read back with the exported tokenizer."""
     folder, root, _ = t5_run
     text = "The <extra_id_0> statement is used to <extra_id_1>."
-    generator = pipeline("text2text-generation", model=str(folder))
-    [written] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False)
-    [written_ids] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False, return_tensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = TrainedModel.from_checkpoint(root / "checkpoints" / "last.ckpt").model
-    inputs = tokenizer(text, return_tensors="pt")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ours = greedy_decode(model, inputs.input_ids, None, start_id=pad, max_new_tokens=12, eos_id=eos, pad_id=pad)[0]
-    assert len(ours) > 2  # the model wrote something before end-of-text: there is text to compare
-    assert written_ids["generated_token_ids"].tolist() == ours.tolist()
-    assert written["generated_text"] == tokenizer.decode(ours, skip_special_tokens=True)
+    text2text_pipeline_is_our_greedy_decode(folder, root / "checkpoints" / "last.ckpt", text, start_role="pad")
 
 
 def test_export_verify_prints_parity_for_t5(t5_run, tmp_path):

@@ -12,14 +12,13 @@ from torch import nn
 import transformers
 from transformers.pipelines import SUPPORTED_TASKS
 
-from runs import RECIPES, run_cli
+from runs import RECIPES, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import build_config, build_model
 from scratchlm.models.seq2seq import greedy_decode
 from scratchlm.objectives import InfillConfig
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule
-from scratchlm.training.checkpoint import TrainedModel
 
 VOCAB = 300
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
@@ -241,28 +240,11 @@ def test_fit_prints_a_folder_that_loads_and_generates(bart_run):
     assert generation["decoder_start_token_id"] == tokenizer.eos_token_id == 2
 
 
-@pytest.mark.skipif(
-    "text2text-generation" not in SUPPORTED_TASKS,
-    reason="this transformers has no text2text-generation pipeline (removed in transformers 5; "
-    "AutoModelForSeq2SeqLM.generate() is tested instead)",
-)
+@pytest.mark.skipif("text2text-generation" not in SUPPORTED_TASKS, reason=TEXT2TEXT_MISSING)
 def test_text2text_pipeline_writes_our_greedy_decode(bart_run):
-    """The transformers 4.x pipeline on the printed folder, asked for greedy decoding (its own
-    default is 4 beams): its tokens are our own model's greedy decode, and its text is those tokens
-    read back with the exported tokenizer."""
     folder, root = bart_run
     text = "The <mask> statement is used to return."
-    generator = transformers.pipeline("text2text-generation", model=str(folder))
-    [written] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False)
-    [written_ids] = generator(text, max_new_tokens=12, num_beams=1, do_sample=False, return_tensors=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    model = TrainedModel.from_checkpoint(root / "checkpoints" / "last.ckpt").model
-    inputs = tokenizer(text, return_tensors="pt")
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ours = greedy_decode(model, inputs.input_ids, None, start_id=eos, max_new_tokens=12, eos_id=eos, pad_id=pad)[0]
-    assert len(ours) > 2  # the model wrote something before end-of-text: there is text to compare
-    assert written_ids["generated_token_ids"].tolist() == ours.tolist()
-    assert written["generated_text"] == tokenizer.decode(ours, skip_special_tokens=True)
+    text2text_pipeline_is_our_greedy_decode(folder, root / "checkpoints" / "last.ckpt", text, start_role="eos")
 
 
 def test_fit_validates_with_text_infilling(bart_run):
