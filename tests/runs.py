@@ -47,6 +47,18 @@ def zen_of_python() -> str:
 
 
 
+# The shared part of the encoder-decoder tests' short fits (each adds its model and tokenizer).
+SEQ2SEQ_FIT = [
+    "--tokenizer.vocab_size", "500",
+    "--data.block_size", "64",
+    "--data.batch_size", "8",
+    "--data.val_fraction", "0.02",
+    "--trainer.max_steps", "12",
+    "--trainer.val_check_interval", "12",
+    "--trainer.enable_progress_bar", "false",
+    "--model.optim.warmup_steps", "4",
+]
+
 
 def text2text_pipeline_is_our_greedy_decode(folder: Path, checkpoint: Path, text: str, start_role: str) -> None:
     """The transformers 4.x ``text2text-generation`` pipeline on an exported folder, asked for

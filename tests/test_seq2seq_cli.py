@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.pipelines import SUPPORTED_TASKS
 
-from runs import RECIPES, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
+from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule
@@ -17,15 +17,8 @@ from scratchlm.training import PretrainModule
 # A small model and few steps; what is checked is the plumbing, not what the model learns.
 T5_FIT = [
     "--model.arch", "{n_layers: 2, n_decoder_layers: 2, d_model: 64, n_heads: 4, d_ff: 128}",
-    "--tokenizer.vocab_size", "500",
     "--tokenizer.sentinels", "20",
-    "--data.block_size", "64",
-    "--data.batch_size", "8",
-    "--data.val_fraction", "0.02",
-    "--trainer.max_steps", "12",
-    "--trainer.val_check_interval", "12",
-    "--trainer.enable_progress_bar", "false",
-    "--model.optim.warmup_steps", "4",
+    *SEQ2SEQ_FIT,
 ]
 
 

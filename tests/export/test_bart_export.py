@@ -12,7 +12,7 @@ from torch import nn
 import transformers
 from transformers.pipelines import SUPPORTED_TASKS
 
-from runs import RECIPES, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
+from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import build_config, build_model
 from scratchlm.models.seq2seq import greedy_decode
@@ -200,16 +200,9 @@ def test_configs_describe_the_model(exported):
 # A small model and few steps; what is checked is the plumbing, not what the model learns.
 BART_FIT = [
     "--model.arch", "{n_layers: 1, d_model: 64, n_heads: 2, d_ff: 128}",
-    "--tokenizer.vocab_size", "500",
-    "--data.block_size", "64",
-    "--data.batch_size", "8",
-    "--data.val_fraction", "0.02",
-    "--trainer.max_steps", "12",
-    "--trainer.val_check_interval", "12",
-    "--trainer.enable_progress_bar", "false",
-    "--model.optim.warmup_steps", "4",
-    # After 12 steps at this rate the model writes tokens before end-of-text (at the recipe's 1e-3
-    # it stops at once), which gives the generation tests something to compare.
+    *SEQ2SEQ_FIT,
+    # After 12 steps at this rate the model writes tokens before end-of-text (at 1e-3 it stops at
+    # once), which gives the generation tests something to compare.
     "--model.optim.lr", "2e-3",
 ]
 
