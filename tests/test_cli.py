@@ -30,6 +30,9 @@ def test_fit_gpt2_prints_a_folder_transformers_generates_from(gpt2_run):
     loss = mean_next_token_loss(model, tokenizer, zen_of_python())
     # A uniform guess scores ln(V); this 2-layer model trains for seconds, the recipe for minutes.
     assert loss < math.log(len(tokenizer)) - 1.0, f"held-out loss {loss:.2f} is near a uniform guess"
+    # What the tokenizer returns goes into the model as it is: no token type ids, which GPT-2 would
+    # add as token embeddings (transformers 4's tokenizers return them unless the folder says not).
+    assert set(tokenizer("The for statement")) == {"input_ids", "attention_mask"}
     text = pipeline("text-generation", model=str(folder))("The for statement", max_new_tokens=8)
     assert text[0]["generated_text"].startswith("The for statement")
 
@@ -53,6 +56,7 @@ def test_fit_bert_gives_fill_mask_and_a_classifier_backbone(bert_run):
     fill = pipeline("fill-mask", model=str(folder))
     predictions = fill(f"The {fill.tokenizer.mask_token} statement is used to loop.")
     assert len(predictions) == 5 and all("token_str" in p for p in predictions)
+    assert set(fill.tokenizer("a", "b")) == {"input_ids", "token_type_ids", "attention_mask"}  # BERT's segments
     classifier, info = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=3, output_loading_info=True
     )

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from scratchlm.compare import compare
 from scratchlm.data import TextDataModule
 from scratchlm.errors import ScratchLMError
-from scratchlm.export import verify_export
+from scratchlm.export import attention_implementations, verify_export
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
 from scratchlm.training.checkpoint_io import AtomicCheckpointIO
@@ -190,7 +190,7 @@ def export(argv: list[str]) -> None:
     if args.verify:
         diff = max(
             verify_export(trained.model, trained.family, path, attn_implementation=impl)
-            for impl in ("sdpa", "eager")
+            for impl in attention_implementations(trained.family)
         )
         print(f"max_abs_diff={diff:.3e}")
         if not diff <= PARITY_TOLERANCE:

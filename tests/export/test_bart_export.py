@@ -12,6 +12,7 @@ from torch import nn
 import transformers
 from transformers.pipelines import SUPPORTED_TASKS
 
+import hf_folder
 from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import build_config, build_model
@@ -58,9 +59,7 @@ def hf_model(exported):
 
 
 def load(folder: Path, **kwargs):
-    return transformers.AutoModelForSeq2SeqLM.from_pretrained(
-        folder, output_loading_info=True, dtype=torch.float32, **kwargs
-    )
+    return hf_folder.load(transformers.AutoModelForSeq2SeqLM, folder, **kwargs)
 
 
 def padded(batch: int, length: int, seed: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +177,7 @@ def test_weights_are_written_split_and_the_embedding_once(exported):
 
 def test_configs_describe_the_model(exported):
     _, folder = exported
-    config = json.loads((folder / "config.json").read_text())
+    config = hf_folder.saved_config(folder)
     assert config["architectures"] == ["BartForConditionalGeneration"] and config["model_type"] == "bart"
     assert (config["encoder_layers"], config["decoder_layers"], config["d_model"]) == (2, 2, 128)
     assert (config["encoder_attention_heads"], config["encoder_ffn_dim"], config["max_position_embeddings"]) == (

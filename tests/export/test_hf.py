@@ -7,6 +7,7 @@ import torch
 from torch import nn
 import transformers
 
+from hf_folder import load, saved_config
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import export_hf, hf_auto_class, verify_export
 import scratchlm.export.hf as hf
@@ -37,10 +38,6 @@ def export(model, family, out_dir, **kwargs) -> Path:
     return export_hf(
         model, family, out_dir, tokenizer_files=TOKENIZER_FILES, special_ids=SPECIAL, card=CARD, **kwargs
     )
-
-
-def load(auto_class, folder, **kwargs):
-    return auto_class.from_pretrained(folder, output_loading_info=True, dtype=torch.float32, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +118,7 @@ def test_tied_tensors_are_written_once(exported):
 
 def test_configs_carry_the_special_ids(exported):
     family, _, folder = exported
-    config = json.loads((folder / "config.json").read_text())
+    config = saved_config(folder)
     assert config["architectures"] == [{"bert": "BertForMaskedLM", "gpt2": "GPT2LMHeadModel"}[family]]
     assert config["pad_token_id"] == SPECIAL["pad"] and config["tie_word_embeddings"] is True
     generation = folder / "generation_config.json"
@@ -138,8 +135,10 @@ def test_tokenizer_files_and_card_are_written(exported):
     for name, text in TOKENIZER_FILES.items():
         written = (folder / name).read_text()
         if name == "tokenizer_config.json":
-            # capped at the model's positions, so HF truncates instead of indexing past them
-            assert json.loads(written) == {**json.loads(text), "model_max_length": 256}
+            # capped at the model's positions, so HF truncates instead of indexing past them, and
+            # naming the inputs the model takes
+            inputs = {"bert": ["input_ids", "token_type_ids", "attention_mask"], "gpt2": ["input_ids", "attention_mask"]}
+            assert json.loads(written) == {**json.loads(text), "model_max_length": 256, "model_input_names": inputs[family]}
         else:
             assert written == text
     readme = (folder / "README.md").read_text()

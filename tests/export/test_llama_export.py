@@ -10,6 +10,7 @@ import torch
 from torch import nn
 import transformers
 
+import hf_folder
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import build_config, build_model
 
@@ -23,11 +24,15 @@ CASES = {
 """Case name -> overrides of the tiny preset (2 layers: enough to show a wrong map, and faster)."""
 
 
+ROPE_THETA = 5_000.0
+"""Not the default, so parity shows that the export carries it."""
+
+
 def scrambled(**overrides) -> nn.Module:
     """A tiny Llama whose every parameter is random, RMSNorm weights included (fresh ones are 1,
     which would hide a swapped norm), so that a wrong name, split or layout shows in the logits."""
     torch.manual_seed(0)
-    model = build_model("llama", build_config("llama", "tiny", vocab_size=VOCAB, n_layers=2, **overrides))
+    model = build_model("llama", build_config("llama", "tiny", vocab_size=VOCAB, n_layers=2, **({"rope_theta": ROPE_THETA} | overrides)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -38,9 +43,7 @@ def scrambled(**overrides) -> nn.Module:
 
 
 def load(folder: Path, **kwargs):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, output_loading_info=True, dtype=torch.float32, **kwargs
-    )
+    return hf_folder.load(transformers.AutoModelForCausalLM, folder, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +143,13 @@ def test_weights_are_written_split_and_the_tied_head_once(exported):
 
 def test_configs_describe_the_model(exported):
     _, model, folder = exported
-    config = json.loads((folder / "config.json").read_text())
+    config = hf_folder.saved_config(folder)
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (
         4, model.config.n_kv_heads, 32
     )
-    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": ROPE_THETA}
+    assert config["rope_theta"] == ROPE_THETA  # transformers 4's name, which 5 ignores
     assert (config["max_position_embeddings"], config["rms_norm_eps"]) == (512, 1e-5)
     assert config["tie_word_embeddings"] is model.config.tie_embeddings
     assert config["attention_bias"] is False and config["mlp_bias"] is False

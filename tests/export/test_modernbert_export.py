@@ -8,9 +8,10 @@ import torch
 from torch import nn
 import transformers
 
+from hf_folder import load, saved_config
 from scratchlm.errors import ScratchLMError
-from scratchlm.export import export_hf, hf_auto_class, verify_export
-from scratchlm.export.modernbert import causal_hf_config, hf_config, token_ids
+from scratchlm.export import check_exportable, export_hf, hf_auto_class, verify_export
+from scratchlm.export.modernbert import TRANSFORMERS_MAJOR, causal_hf_config, hf_config, token_ids
 from scratchlm.models import build_config, build_model
 from scratchlm.models.layers import positions_in_documents
 
@@ -21,6 +22,16 @@ SPECIAL = {"modernbert": BERT_STYLE, "modernbert-causal": GPT_STYLE}
 HF_CLASS = {"modernbert": "ModernBertForMaskedLM", "modernbert-causal": "ModernBertDecoderForCausalLM"}
 SEQ = 150
 """Past the tiny preset's local window (64): the local blocks' band is in force in every check."""
+ROPE = {"global_rope_theta": 80_000.0, "local_rope_theta": 20_000.0}
+"""Not the defaults, so parity shows that the export carries them."""
+
+
+def rope(family: str) -> dict[str, float]:
+    """The RoPE thetas of the test models: transformers 4's decoder takes one theta for every
+    layer, so there the causal model gets one (see ``check_causal_exportable``)."""
+    if family == "modernbert-causal" and TRANSFORMERS_MAJOR < 5:
+        return {name: ROPE["global_rope_theta"] for name in ROPE}
+    return ROPE
 
 
 def scrambled(family: str, **overrides) -> nn.Module:
@@ -28,7 +39,7 @@ def scrambled(family: str, **overrides) -> nn.Module:
     split in the export shows in the logits (fresh norms are 1 and the output bias 0, which would
     hide a swapped norm or a dropped bias)."""
     torch.manual_seed(0)
-    model = build_model(family, build_config(family, "tiny", vocab_size=VOCAB, **overrides))
+    model = build_model(family, build_config(family, "tiny", vocab_size=VOCAB, **(rope(family) | overrides)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -36,10 +47,6 @@ def scrambled(family: str, **overrides) -> nn.Module:
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     return model.eval()
-
-
-def load(auto_class, folder, **kwargs):
-    return auto_class.from_pretrained(folder, output_loading_info=True, dtype=torch.float32, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +148,14 @@ def test_folder_loads_into_the_stock_class_with_tied_weights(exported):
 
 def test_config_carries_the_architecture_and_special_ids(exported):
     family, _, folder = exported
-    config = json.loads((folder / "config.json").read_text())
+    config = saved_config(folder)
     assert config["architectures"] == [HF_CLASS[family]]
     assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
-    assert config["rope_parameters"]["full_attention"]["rope_theta"] == 160_000.0
-    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
+    thetas = rope(family)
+    assert config["rope_parameters"]["full_attention"]["rope_theta"] == thetas["global_rope_theta"]
+    assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == thetas["local_rope_theta"]
+    # under transformers 4's names too, which 4 reads and 5 ignores
+    assert (config["global_rope_theta"], config["local_rope_theta"]) == tuple(thetas.values())
     assert (config["local_attention"], config["norm_bias"], config["tie_word_embeddings"]) == (64, False, True)
     generation = folder / "generation_config.json"
     if family == "modernbert":
@@ -170,6 +180,16 @@ def test_encoder_loads_for_sequence_classification_with_only_the_classifier_new(
         hidden = classifier.model(input_ids=input_ids).last_hidden_state
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     torch.testing.assert_close(hidden, model(input_ids), atol=1e-4, rtol=1e-4)  # the backbone is ours
+
+
+def test_causal_model_with_two_thetas_is_refused_before_training_only_under_transformers_4():
+    config = build_config("modernbert-causal", "tiny", vocab_size=VOCAB, **ROPE)
+    if TRANSFORMERS_MAJOR >= 5:
+        check_exportable("modernbert-causal", config)
+    else:
+        with pytest.raises(ScratchLMError, match="local_rope_theta=20000.0 differs .* transformers>=5.15"):
+            check_exportable("modernbert-causal", config)
+    check_exportable("modernbert", config)  # the encoder class reads both thetas in every release
 
 
 def test_token_ids_fall_back_between_pairs_only():

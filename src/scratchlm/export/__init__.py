@@ -4,6 +4,24 @@
 ``verify_export`` proves it computes the same logits as our model.
 """
 
-from scratchlm.export.hf import TARGETS, HFTarget, export_hf, hf_auto_class, hf_target, verify_export
+from scratchlm.export.hf import (
+    TARGETS,
+    HFTarget,
+    attention_implementations,
+    check_exportable,
+    export_hf,
+    hf_auto_class,
+    hf_target,
+    verify_export,
+)
 
-__all__ = ["TARGETS", "HFTarget", "export_hf", "hf_auto_class", "hf_target", "verify_export"]
+__all__ = [
+    "TARGETS",
+    "HFTarget",
+    "attention_implementations",
+    "check_exportable",
+    "export_hf",
+    "hf_auto_class",
+    "hf_target",
+    "verify_export",
+]

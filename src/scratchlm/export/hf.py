@@ -43,21 +43,46 @@ class HFTarget:
     """(our config, special ids) -> the HF config."""
     hf_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]]
     """Our model -> its weights under HF names and layouts, each shared tensor once."""
+    input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    """What the exported tokenizer returns (its ``model_input_names``). Said in the folder, since
+    the default differs between transformers 4 (with ``token_type_ids``) and 5 (without); GPT-2
+    would add the embedding of token 0 to every position if given type ids of zero."""
+    check: Callable[[Any], None] | None = None
+    """(our config) -> None, or a ScratchLMError where the installed ``transformers`` cannot
+    load a model of that config as it is; called before training, so a run never ends in an
+    export that must fail."""
+    v4_fields: Callable[[Any], dict[str, Any]] | None = None
+    """(our config) -> config.json entries under the names transformers 4 reads, where 5 renamed
+    a setting (RoPE's theta): 5 reads its own names and ignores these."""
 
 
 TARGETS: dict[str, HFTarget] = {
     "bart": HFTarget(bart.HF_CLASS, bart.AUTO_CLASS, bart.hf_config, bart.hf_state_dict),
-    "bert": HFTarget(bert.HF_CLASS, bert.AUTO_CLASS, bert.hf_config, bert.hf_state_dict),
+    "bert": HFTarget(
+        bert.HF_CLASS,
+        bert.AUTO_CLASS,
+        bert.hf_config,
+        bert.hf_state_dict,
+        input_names=("input_ids", "token_type_ids", "attention_mask"),
+    ),
     "gpt2": HFTarget(gpt2.HF_CLASS, gpt2.AUTO_CLASS, gpt2.hf_config, gpt2.hf_state_dict),
-    "llama": HFTarget(llama.HF_CLASS, llama.AUTO_CLASS, llama.hf_config, llama.hf_state_dict),
+    "llama": HFTarget(
+        llama.HF_CLASS, llama.AUTO_CLASS, llama.hf_config, llama.hf_state_dict, v4_fields=llama.v4_fields
+    ),
     "modernbert": HFTarget(
-        modernbert.HF_CLASS, modernbert.AUTO_CLASS, modernbert.hf_config, modernbert.hf_state_dict
+        modernbert.HF_CLASS,
+        modernbert.AUTO_CLASS,
+        modernbert.hf_config,
+        modernbert.hf_state_dict,
+        v4_fields=modernbert.v4_fields,
     ),
     "modernbert-causal": HFTarget(
         modernbert.CAUSAL_HF_CLASS,
         modernbert.CAUSAL_AUTO_CLASS,
         modernbert.causal_hf_config,
         modernbert.causal_hf_state_dict,
+        check=modernbert.check_causal_exportable,
+        v4_fields=modernbert.v4_fields,
     ),
     "t5": HFTarget(t5.HF_CLASS, t5.AUTO_CLASS, t5.hf_config, t5.hf_state_dict),
 }
@@ -68,6 +93,14 @@ def hf_target(family: str) -> HFTarget:
     if family not in TARGETS:
         raise ScratchLMError(f"family {family!r} has no Hugging Face export yet; choose one of {sorted(TARGETS)}")
     return TARGETS[family]
+
+
+def check_exportable(family: str, config: Any) -> None:
+    """Raise a ScratchLMError now if a model of ``family`` and ``config`` could not be exported
+    with the installed ``transformers`` (see ``HFTarget.check``)."""
+    check = TARGETS[family].check if family in TARGETS else None
+    if check is not None:
+        check(config)
 
 
 def hf_auto_class(family: str) -> str:
@@ -138,12 +171,15 @@ def write_folder(
     """Every file of the export, into ``folder``."""
     hf_config = target.hf_config(model.config, special_ids)
     hf_config.save_pretrained(folder)
+    if target.v4_fields is not None:
+        add_config_fields(folder / "config.json", target.v4_fields(model.config))
     if get_family(family).causal or get_family(family).encoder_decoder:
         decoder_start = hf_config.decoder_start_token_id if hf_config.is_encoder_decoder else None
         generation_config(special_ids, decoder_start).save_pretrained(folder)
     save_file(fp32_cpu(target.hf_state_dict(model)), folder / "model.safetensors", metadata={"format": "pt"})
     for name, text in tokenizer_files.items():
-        text = capped_max_length(text, model.config.max_positions) if name == "tokenizer_config.json" else text
+        if name == "tokenizer_config.json":
+            text = exported_tokenizer_config(text, model.config.max_positions, target.input_names)
         (folder / name).write_text(text, encoding="utf-8")
     readme = model_card(
         family=family,
@@ -157,15 +193,26 @@ def write_folder(
     (folder / "README.md").write_text(readme, encoding="utf-8")
 
 
-def capped_max_length(tokenizer_config: str, max_positions: int) -> str:
-    """``tokenizer_config.json`` with ``model_max_length`` at most the model's positions: HF
-    tokenizers and pipelines truncate to it, and a longer input would run past a learned position
-    table (an IndexError deep inside the model instead of a truncation)."""
+def exported_tokenizer_config(tokenizer_config: str, max_positions: int, input_names: tuple[str, ...]) -> str:
+    """``tokenizer_config.json`` as the export writes it:
+
+    - ``model_max_length`` at most the model's positions: HF tokenizers and pipelines truncate to
+      it, and a longer input would run past a learned position table (an IndexError deep inside
+      the model instead of a truncation);
+    - ``model_input_names``, the inputs the model takes (see ``HFTarget.input_names``).
+    """
     config = json.loads(tokenizer_config)
     limit = config.get("model_max_length")
     if limit is None or limit > max_positions:
         config["model_max_length"] = max_positions
+    config["model_input_names"] = list(input_names)
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
+def add_config_fields(config_json: Path, fields: dict[str, Any]) -> None:
+    """``fields`` set in a written config.json (transformers 4 writes its defaults for them)."""
+    config = json.loads(config_json.read_text(encoding="utf-8"))
+    config_json.write_text(json.dumps(config | fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def generation_config(
@@ -267,6 +314,13 @@ def replace_folder(new: Path, out: Path) -> None:
 
 
 # --- verification --------------------------------------------------------------------------------
+
+
+def attention_implementations(family: str) -> tuple[str, ...]:
+    """The attention implementations of the installed ``transformers`` that ``verify_export``
+    compares for ``family``: "sdpa" and "eager", or "eager" alone where the class has no SDPA
+    path (T5 before transformers 5.15)."""
+    return ("sdpa", "eager") if hf_target(family).hf_class._supports_sdpa else ("eager",)
 
 
 def verify_export(

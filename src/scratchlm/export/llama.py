@@ -76,7 +76,7 @@ def hf_config(config: LlamaConfig, special_ids: dict[str, int | None]) -> transf
         hidden_act="silu",
         max_position_embeddings=config.max_positions,
         rms_norm_eps=config.norm_eps,
-        # transformers 5 takes RoPE settings as one dict (rope_theta alone is no longer a field).
+        # transformers 5 takes RoPE settings as one dict; 4 reads rope_theta (see v4_fields).
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
         attention_bias=False,
         mlp_bias=False,
@@ -86,3 +86,8 @@ def hf_config(config: LlamaConfig, special_ids: dict[str, int | None]) -> transf
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
     )
+
+
+def v4_fields(config: LlamaConfig) -> dict:
+    """RoPE's theta under the name transformers 4 reads (5 reads ``rope_parameters``)."""
+    return {"rope_theta": float(config.rope_theta)}

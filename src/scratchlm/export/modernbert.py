@@ -16,6 +16,7 @@ HF_CLASS = transformers.ModernBertForMaskedLM
 AUTO_CLASS = transformers.AutoModelForMaskedLM
 CAUSAL_HF_CLASS = transformers.ModernBertDecoderForCausalLM
 CAUSAL_AUTO_CLASS = transformers.AutoModelForCausalLM
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 OUTSIDE_BLOCKS: dict[str, str] = {
     "tok_emb.weight": "model.embeddings.tok_embeddings.weight",
@@ -119,8 +120,8 @@ def shared_fields(config: ModernBertConfig) -> dict:
         attention_dropout=config.dropout,
         embedding_dropout=config.dropout,
         mlp_dropout=config.dropout,
-        # transformers 5 takes RoPE settings as a dict per layer type (rope_theta alone, and
-        # global_rope_theta / local_rope_theta, are gone as fields).
+        # transformers 5 takes RoPE settings as a dict per layer type; 4 reads global_rope_theta
+        # and local_rope_theta (see v4_fields).
         layer_types=layer_types(config),
         rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": float(config.global_rope_theta)},
@@ -175,6 +176,18 @@ def hf_config(config: ModernBertConfig, special_ids: dict[str, int | None]) -> t
     )
 
 
+def check_causal_exportable(config: ModernBertConfig) -> None:
+    """transformers 4's ModernBertDecoder gives its local layers the global RoPE theta: it can
+    compute what ``ModernBertCausal`` does only where the two thetas are one."""
+    if TRANSFORMERS_MAJOR < 5 and config.local_rope_theta != config.global_rope_theta:
+        raise ScratchLMError(
+            f"model.arch.local_rope_theta={config.local_rope_theta} differs from global_rope_theta="
+            f"{config.global_rope_theta}, and transformers {transformers.__version__}'s ModernBertDecoder "
+            "uses the global one in every layer, so the Hugging Face export could not reproduce this "
+            "model: install transformers>=5.15, or set both thetas to one value"
+        )
+
+
 def causal_hf_config(
     config: ModernBertConfig, special_ids: dict[str, int | None]
 ) -> transformers.ModernBertDecoderConfig:
@@ -188,6 +201,7 @@ def causal_hf_config(
             f"modernbert-causal export needs token ids for {', '.join(missing)}; train the tokenizer "
             "with --family modernbert-causal (it adds end-of-text and padding tokens)"
         )
+    check_causal_exportable(config)
     return transformers.ModernBertDecoderConfig(
         architectures=[CAUSAL_HF_CLASS.__name__],
         **shared_fields(config),
@@ -195,3 +209,14 @@ def causal_hf_config(
         classifier_dropout=0.0,
         use_cache=True,
     )
+
+
+def v4_fields(config: ModernBertConfig) -> dict:
+    """What transformers 4 needs besides the fields of 5: RoPE's thetas under its names (5 reads
+    ``rope_parameters``), and the window, which 4's decoder config does not save (it keeps only
+    the half it derives, and takes the default window again when it loads)."""
+    return {
+        "global_rope_theta": float(config.global_rope_theta),
+        "local_rope_theta": float(config.local_rope_theta),
+        "local_attention": config.local_window,
+    }

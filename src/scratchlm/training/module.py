@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.export import check_exportable
 from scratchlm.models import FAMILIES, build_config, build_model
 from scratchlm.objectives import OBJECTIVES, InfillConfig, MaskedLM, MaskingConfig, SpanConfig
 from scratchlm.tokenizer import TokenizerInfo
@@ -95,6 +96,7 @@ class PretrainModule(L.LightningModule):
         self.tokenizer_info = TokenizerInfo.load(tokenizer)
         self.family = family
         config = build_config(family, size, vocab_size=self.tokenizer_info.vocab_size, **(arch or {}))
+        check_exportable(family, config)
         self.model = build_model(family, config)
         self.objective = self._build_objective(
             objective or FAMILIES[family].objective, masking, document_masks, {"span": span, "infill": infill}
