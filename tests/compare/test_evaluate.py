@@ -136,17 +136,23 @@ def test_both_arms_score_the_same_bytes_and_tokens_with_finite_bits_per_byte(hel
     assert "mlm_accuracy" in mlm and "perplexity" not in mlm and "mlm_accuracy" not in clm
 
 
-def test_mlm_accuracy_masks_fifteen_percent_deterministically(held_out, info, monkeypatch):
-    encoder, _ = twin_models(info.vocab_size)
-    spec = EvalSpec(mask_rate=0.15, batch_size=4)
-    counted = []
+@pytest.fixture
+def counted(monkeypatch) -> list[int]:
+    """The number of targets of every ``F.cross_entropy`` call that ``compare.evaluate`` makes."""
+    sizes = []
     original = F.cross_entropy
 
     def counting(logits, targets, **kwargs):
-        counted.append(targets.numel())
+        sizes.append(targets.numel())
         return original(logits, targets, **kwargs)
 
     monkeypatch.setattr("scratchlm.compare.evaluate.F.cross_entropy", counting)
+    return sizes
+
+
+def test_mlm_accuracy_masks_fifteen_percent_deterministically(held_out, info, counted):
+    encoder, _ = twin_models(info.vocab_size)
+    spec = EvalSpec(mask_rate=0.15, batch_size=4)
     first = masked_accuracy(encoder, held_out, info, spec)
     masked = sum(counted)
     assert masked_accuracy(encoder, held_out, info, spec) == first  # the same masks every time
@@ -224,16 +230,8 @@ def test_a_span_arm_scores_every_byte_once_with_finite_bits_per_byte(span_held_o
 
 
 @torch.no_grad()
-def test_span_accuracy_corrupts_at_the_training_density_deterministically(span_held_out, span_info, monkeypatch):
+def test_span_accuracy_corrupts_at_the_training_density_deterministically(span_held_out, span_info, counted):
     model = untrained_t5(span_info.vocab_size)
-    counted = []
-    original = F.cross_entropy
-
-    def counting(logits, targets, **kwargs):
-        counted.append(targets.numel())
-        return original(logits, targets, **kwargs)
-
-    monkeypatch.setattr("scratchlm.compare.evaluate.F.cross_entropy", counting)
     dense = SpanCorruption(span_info, SpanConfig(noise_density=0.3))
     sparse = SpanCorruption(span_info, SpanConfig(noise_density=0.15))
     first = span_accuracy(model, span_held_out, dense, batch_size=4)
