@@ -32,8 +32,7 @@ What is compared
   collate's ``attention_mask`` (all True) and ``doc_ids`` passed along.
 - Precision: ``fp32``, or ``bf16`` = ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward
   and loss in both (weights and AdamW states stay fp32).
-- Optimizer: ``torch.optim.AdamW(lr=1e-4, fused=True)`` for both: the fused kernel is what our
-  training builds and what ``transformers.Trainer`` uses by default (``adamw_torch_fused``).
+- Optimizer: ``torch.optim.AdamW(lr=1e-4)`` with its defaults for both.
 - Tokens/s counts every token of the batch (B·T). Sequence 128 runs batch 32; by default the
   batch is 4096 // seq, so every case trains on 4096 tokens a step (batch 8 at seq 512).
 - Compilation: none by default (eager against eager). ``--compile ours`` compiles our model as
@@ -203,7 +202,7 @@ def build_sides(family: str, batch_size: int, seq: int, seed: int, compile: str 
 
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -339,7 +338,7 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"# load_average_1_5_15={load_average()}",
         f"# config: vocab={VOCAB}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), "
         f"llama n_kv_heads=4; batch={args.batch} seq={args.seq}; warmup={args.warmup} "
-        f"rounds={args.rounds} steps/round={args.steps}; AdamW(lr=1e-4, fused); dropout 0.0 in both",
+        f"rounds={args.rounds} steps/round={args.steps}; AdamW(lr=1e-4); dropout 0.0 in both",
         f"# compiled: {COMPILED[args.compile]}",
     ]
 

@@ -74,20 +74,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int):
     """AdamW plus a per-step LambdaLR, in the shape Lightning's ``configure_optimizers`` returns."""
-    groups = parameter_groups(model, config.weight_decay)
     optimizer = torch.optim.AdamW(
-        groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused_adamw_fits(groups)
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, config)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def fused_adamw_fits(groups: list[dict]) -> bool:
-    """Whether AdamW can take its fused kernel (one pass over each tensor for the whole update,
-    against about ten for the default per-tensor loop on a CPU): every parameter a floating-point
-    tensor on a CPU or a CUDA device. It computes the same update to rounding, and is what
-    ``transformers.Trainer`` uses by default."""
-    params = [p for group in groups for p in group["params"]]
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
