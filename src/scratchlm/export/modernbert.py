@@ -184,7 +184,7 @@ def check_causal_exportable(config: ModernBertConfig) -> None:
             f"model.arch.local_rope_theta={config.local_rope_theta} differs from global_rope_theta="
             f"{config.global_rope_theta}, and transformers {transformers.__version__}'s ModernBertDecoder "
             "uses the global one in every layer, so the Hugging Face export could not reproduce this "
-            "model: install transformers>=5.15, or set both thetas to one value"
+            "model: install transformers>=5.1, or set both thetas to one value"
         )
 
 
