@@ -49,8 +49,8 @@ class HFTarget:
     would add the embedding of token 0 to every position if given type ids of zero."""
     check: Callable[[Any], None] | None = None
     """(our config) -> None, or a ScratchLMError where the installed ``transformers`` cannot
-    load a model of that config as it is; called before training, so a run never ends in an
-    export that must fail."""
+    load a model of that config as it is; called by ``export_hf``, and before training, so a
+    run never ends in an export that must fail."""
     v4_fields: Callable[[Any], dict[str, Any]] | None = None
     """(our config) -> config.json entries under the names transformers 4 reads, where 5 renamed
     a setting (RoPE's theta): 5 reads its own names and ignores these."""
@@ -147,6 +147,7 @@ def export_hf(
     """
     target = hf_target(family)
     model = unwrap(model)
+    check_exportable(family, model.config)
     check_special_ids(special_ids, model.config.vocab_size)
     check_tokenizer_names(tokenizer_files or {})
     out = Path(out_dir).resolve()

@@ -201,7 +201,6 @@ def causal_hf_config(
             f"modernbert-causal export needs token ids for {', '.join(missing)}; train the tokenizer "
             "with --family modernbert-causal (it adds end-of-text and padding tokens)"
         )
-    check_causal_exportable(config)
     return transformers.ModernBertDecoderConfig(
         architectures=[CAUSAL_HF_CLASS.__name__],
         **shared_fields(config),
