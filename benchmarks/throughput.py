@@ -34,7 +34,13 @@ What is compared
   and loss in both (weights and AdamW states stay fp32).
 - Optimizer: ``torch.optim.AdamW(lr=1e-4)`` with its defaults for both.
 - Tokens/s counts every token of the batch (B·T). Sequence 128 runs batch 32; by default the
-  batch is 4096 // seq, so every case trains on 4096 tokens a step (batch 8 at seq 512).
+  batch is 4096 // seq on CPU, so every case trains on 4096 tokens a step (batch 8 at seq 512),
+  and 16384 // seq on a GPU.
+- Device (``--device``): both models, the batch and the optimizer states on the CPU or the GPU;
+  GPU rounds are timed between ``torch.cuda.synchronize()`` calls. ``--preset`` replaces the fixed
+  config by a named size of each family (``base``: GPT-2 small's width and depth), ``--docs``
+  packs several documents into each block with attention kept inside each (CLM only: our
+  ``CausalLM(document_masks=True)``; HF the same mask as a 4D boolean ``attention_mask``).
 - Compilation: none by default (eager against eager). ``--compile ours`` compiles our model as
   ``--model.compile true`` does in training (``nn.Module.compile()``, inductor; the loss stays
   eager), ``--compile both`` compiles the HF model too, as ``Trainer(torch_compile=True)`` would.
@@ -43,8 +49,9 @@ What is compared
 MFU (model FLOPs utilisation)
 -----------------------------
 ``mfu = scratchlm_tok_s · flops_per_token / peak``, where ``peak`` is the best FLOP/s of a large
-square matmul (``--peak-size``, 2048 by default) timed by this script on this machine, in the case's
-dtype, with the same threads, at start. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
+square matmul (``--peak-size``, 2048 by default on CPU, 8192 on a GPU) timed by this script on this
+machine, in the case's dtype, with the same threads, at start. On a GPU with a known data sheet,
+bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16 figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
 with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
 
     flops_per_token = 6·N_blocks + 6·N_head·s + 12·L·T·D
@@ -81,6 +88,7 @@ import transformers
 
 from scratchlm.export.hf import TARGETS
 from scratchlm.models import FAMILIES, build_config, build_model
+from scratchlm.models.layers import build_attention_mask, positions_in_documents
 from scratchlm.objectives.clm import CausalLM
 from scratchlm.objectives.mlm import MaskedLM
 from scratchlm.tokenizer import STYLE_OF_FAMILY, TokenizerInfo
@@ -115,8 +123,28 @@ PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = {"none": "neither model (eager)", "ours": "scratchlm's model only", "both": "both models"}
 """--compile -> what the header says."""
 
-TOKENS_PER_STEP = 4096
-"""The default batch is TOKENS_PER_STEP // seq: 32 at seq 128, 8 at seq 512."""
+TOKENS_PER_STEP = {"cpu": 4096, "cuda": 16384}
+"""The default batch is TOKENS_PER_STEP[device] // seq: on CPU 32 at seq 128, 8 at seq 512; on a GPU
+16 at seq 1024."""
+
+PEAK_SIZE = {"cpu": 2048, "cuda": 8192}
+"""Default side of the square matmul timed for the peak, per device type."""
+
+DOC_MASK_FAMILIES = ("gpt2", "llama")
+"""Families for which ``--docs`` has an HF equivalent that computes the same loss: the causal
+document mask as a 4D boolean attention mask, and (llama) positions restarting in each document."""
+
+SPEC_BF16_FLOPS = {
+    "H100 80GB HBM3": 989.4e12,
+    "H100 SXM": 989.4e12,
+    "H100 NVL": 835.5e12,
+    "H100 PCIe": 756.5e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+}
+"""Dense bf16 tensor-core FLOP/s of NVIDIA's data sheets, by a part of ``torch.cuda.get_device_name()``
+(first match wins): GPU MFU is usually quoted against these, so bf16 cases on such a GPU also print
+``mfu_spec`` in a comment beside ``mfu`` (against the measured peak)."""
 
 
 # --- the two sides of a case ---------------------------------------------------------------------
@@ -135,12 +163,12 @@ def special_ids_of(family: str) -> dict[str, int]:
     return SPECIAL_IDS[STYLE_OF_FAMILY[family]]
 
 
-def tokenizer_info(family: str) -> TokenizerInfo:
+def tokenizer_info(family: str, vocab: int = VOCAB) -> TokenizerInfo:
     """What the objectives need to know of a tokenizer, without one on disk."""
     ids = special_ids_of(family)
     return TokenizerInfo(
         path="(synthetic)",
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         **{f"{role}_id": ids.get(role) for role in ("pad", "eos", "bos", "mask", "cls", "sep", "unk")},
         special_ids=tuple(sorted(set(ids.values()))),
         model_max_length=None,
@@ -148,14 +176,16 @@ def tokenizer_info(family: str) -> TokenizerInfo:
     )
 
 
-def random_batch(objective, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
-    """The objective's collate of ``batch`` random blocks of ``seq`` ordinary tokens, one document each."""
+def random_batch(objective, batch: int, seq: int, seed: int, vocab: int = VOCAB, docs: int = 1) -> dict[str, torch.Tensor]:
+    """The objective's collate of ``batch`` random blocks of ``seq`` ordinary tokens, each block
+    ``docs`` packed documents of (nearly) equal length."""
     rng = np.random.default_rng(seed)
     first_ordinary = 5  # above every special id of both styles
+    doc_ids = np.repeat(np.arange(docs, dtype=np.int32), [len(part) for part in np.array_split(np.arange(seq), docs)])
     blocks = [
         {
-            "input_ids": rng.integers(first_ordinary, VOCAB, seq, dtype=np.int64),
-            "doc_ids": np.zeros(seq, dtype=np.int32),
+            "input_ids": rng.integers(first_ordinary, vocab, seq, dtype=np.int64),
+            "doc_ids": doc_ids,
             "sample_seed": np.asarray([seed, 0, i], dtype=np.int64),
         }
         for i in range(batch)
@@ -163,33 +193,68 @@ def random_batch(objective, batch: int, seq: int, seed: int) -> dict[str, torch.
     return objective.collate(blocks)
 
 
-def hf_inputs(objective_name: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_inputs(family: str, batch: dict[str, torch.Tensor], docs: int = 1) -> dict[str, torch.Tensor]:
     """The arguments an HF user passes for the same batch: MLM labels with -100 where nothing is
-    predicted; for CLM the inputs themselves as labels (HF shifts them)."""
-    if objective_name == "mlm":
+    predicted; for CLM the inputs themselves as labels (HF shifts them). With packed documents
+    (``docs`` > 1, CLM), the causal document mask as a 4D boolean attention mask, labels with
+    -100 where a document's first token would be the previous one's target, and for rotary models
+    positions that restart in each document: what our model computes."""
+    if FAMILIES[family].objective == "mlm":
         return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"])
-    return dict(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    if docs == 1:
+        return dict(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, 1:] = batch["labels"][:, :-1]  # HF scores logits[t] against labels[t + 1]
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=build_attention_mask(None, causal=True, doc_ids=batch["doc_ids"]),
+        labels=labels,
+    )
+    if family == "llama":
+        inputs["position_ids"] = positions_in_documents(batch["doc_ids"])
+    return inputs
 
 
-def build_sides(family: str, batch_size: int, seq: int, seed: int, compile: str = "none") -> tuple[Side, Side, float]:
-    """(scratchlm side, HF side, share of positions our head runs on) for one family."""
+def build_sides(
+    family: str,
+    batch_size: int,
+    seq: int,
+    seed: int,
+    compile: str = "none",
+    *,
+    device: str = "cpu",
+    preset: str = "bench",
+    vocab: int = VOCAB,
+    docs: int = 1,
+) -> tuple[Side, Side, float]:
+    """(scratchlm side, HF side, share of positions our head runs on) for one family, on ``device``.
+
+    ``preset`` "bench" is the fixed benchmark config (module docstring); any other is the family's
+    named size (``tiny``, ``small``, ``base``) with ``vocab`` and dropout 0.0."""
     torch.manual_seed(seed)
     spec = FAMILIES[family]
-    config = build_config(
-        family, "tiny", vocab_size=VOCAB, max_positions=max(512, seq), **SHARED_ARCH, **FAMILY_ARCH[family]
-    )
+    if preset == "bench":
+        config = build_config(
+            family, "tiny", vocab_size=vocab, max_positions=max(512, seq), **SHARED_ARCH, **FAMILY_ARCH[family]
+        )
+    else:
+        max_positions = max(spec.presets[preset].get("max_positions", seq), seq)
+        config = build_config(family, preset, vocab_size=vocab, dropout=0.0, max_positions=max_positions)
     ours = build_model(family, config).train()
-    objective = MaskedLM(tokenizer_info(family)) if spec.objective == "mlm" else CausalLM(tokenizer_info(family))
-    batch = random_batch(objective, batch_size, seq, seed)
+    info = tokenizer_info(family, vocab)
+    objective = MaskedLM(info) if spec.objective == "mlm" else CausalLM(info, document_masks=docs > 1)
+    batch = random_batch(objective, batch_size, seq, seed, vocab, docs)
 
     target = TARGETS[family]
     hf_config = target.hf_config(config, special_ids_of(family))
     hf_config.use_cache = False
     hf = target.hf_class._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32).train()
     hf.load_state_dict(target.hf_state_dict(ours), strict=False)  # HF ties the decoder itself
-    inputs = hf_inputs(spec.objective, batch)
+    inputs = hf_inputs(family, batch, docs)
 
     scored = (batch["labels"] != -100).float().mean().item() if spec.objective == "mlm" else 1.0
+    ours, hf = ours.to(device), hf.to(device)
+    batch, inputs = on_device(batch, device), on_device(inputs, device)
     if compile in ("ours", "both"):
         ours.compile()
     if compile == "both":
@@ -201,6 +266,10 @@ def build_sides(family: str, batch_size: int, seq: int, seed: int, compile: str 
     )
 
 
+def on_device(tensors: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -208,13 +277,22 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 # --- timing --------------------------------------------------------------------------------------
 
 
-def autocast(dtype: str):
-    return torch.autocast("cpu", dtype=DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext()
+def autocast(dtype: str, device: str):
+    return torch.autocast(device, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext()
+
+
+def device_of(side: Side) -> str:
+    return next(side.model.parameters()).device.type
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def train_step(side: Side, dtype: str) -> float:
-    """One full training step; returns the loss."""
-    with autocast(dtype):
+    """One full training step; returns the loss (reading it waits for the device)."""
+    with autocast(dtype, device_of(side)):
         loss = side.loss()
     loss.backward()
     side.optimizer.step()
@@ -224,16 +302,18 @@ def train_step(side: Side, dtype: str) -> float:
 
 def timed_round(side: Side, dtype: str, steps: int, tokens_per_step: int) -> float:
     """Tokens/s over ``steps`` consecutive training steps."""
+    synchronize(device_of(side))
     start = time.perf_counter()
     for _ in range(steps):
         train_step(side, dtype)
+    synchronize(device_of(side))
     return steps * tokens_per_step / (time.perf_counter() - start)
 
 
 def first_losses(ours: Side, hf: Side, dtype: str) -> tuple[float, float]:
     """Both models' loss on the batch before any step: equal up to rounding when the HF model
     computes what ours does."""
-    with torch.no_grad(), autocast(dtype):
+    with torch.no_grad(), autocast(dtype, device_of(ours)):
         return ours.loss().item(), hf.loss().item()
 
 
@@ -250,6 +330,11 @@ def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tup
         for side, rates in order if round_index % 2 == 0 else reversed(order):
             rates.append(timed_round(side, dtype, args.steps, tokens_per_step))
     return statistics.median(ours_rates), statistics.median(hf_rates)
+
+
+def peak_memory(device: str) -> float | None:
+    """Peak allocated GPU memory since the last reset, in GiB (None on CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
 
 # --- FLOPs and the machine's peak ----------------------------------------------------------------
@@ -280,31 +365,45 @@ def flops_per_token(model: nn.Module, seq: int, scored: float) -> float:
     return 6 * (n_blocks - n_tail) + 6 * (n_head + n_tail) * scored + 12 * attention_layers * seq * D
 
 
-def matmul_peak(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int = 5, device: str = "cpu") -> float:
     """Best FLOP/s of a (size × size) @ (size × size) matmul over ``repeats`` timings, after one
     untimed call: the ceiling MFU is measured against."""
-    a = torch.randn(size, size, dtype=torch.float32).to(dtype)
-    b = torch.randn(size, size, dtype=torch.float32).to(dtype)
+    a = torch.randn(size, size, dtype=torch.float32, device=device).to(dtype)
+    b = torch.randn(size, size, dtype=torch.float32, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def spec_bf16_flops(device: str) -> tuple[str, float] | None:
+    """(GPU name, data-sheet dense bf16 FLOP/s) when the GPU is in ``SPEC_BF16_FLOPS``, else None."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next(((name, flops) for part, flops in SPEC_BF16_FLOPS.items() if part in name), None)
 
 
 # --- profiling -----------------------------------------------------------------------------------
 
 
 def profile_steps(side: Side, dtype: str, rows: int) -> str:
-    """The ``rows`` ops with the most self CPU time over two training steps, as a table."""
+    """The ``rows`` ops with the most self time over two training steps, as a table: CPU time on
+    CPU, device time on a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = device_of(side) == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         for _ in range(2):
             train_step(side, dtype)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=50)
 
 
 # --- reporting -----------------------------------------------------------------------------------
@@ -331,13 +430,23 @@ def load_average() -> str:
 def header(args, peaks: dict[str, float]) -> list[str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     peak_text = " ".join(f"peak_{d}_gflop_s={p / 1e9:.1f}" for d, p in peaks.items())
-    arch = ", ".join(f"{k}={v}" for k, v in SHARED_ARCH.items())
+    gpu = ""
+    if args.device == "cuda":
+        gpu = f"gpu={torch.cuda.get_device_name()!r} cuda={torch.version.cuda} "
+    if args.preset == "bench":
+        arch = ", ".join(f"{k}={v}" for k, v in SHARED_ARCH.items())
+        model = (
+            f"vocab={args.vocab}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), llama n_kv_heads=4"
+        )
+    else:
+        model = f"each family's {args.preset!r} preset, vocab={args.vocab}, dropout=0.0"
+    docs = f"; {args.docs} documents per block (document masks)" if args.docs > 1 else ""
     return [
-        f"# cpu={cpu_model()!r} cores={cores} torch={torch.__version__} transformers={transformers.__version__} "
-        f"threads={torch.get_num_threads()} {peak_text} (matmul {args.peak_size}x{args.peak_size}, best of 5)",
+        f"# cpu={cpu_model()!r} cores={cores} {gpu}torch={torch.__version__} "
+        f"transformers={transformers.__version__} threads={torch.get_num_threads()} device={args.device} "
+        f"{peak_text} (matmul {args.peak_size}x{args.peak_size}, best of 5)",
         f"# load_average_1_5_15={load_average()}",
-        f"# config: vocab={VOCAB}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), "
-        f"llama n_kv_heads=4; batch={args.batch} seq={args.seq}; warmup={args.warmup} "
+        f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; AdamW(lr=1e-4); dropout 0.0 in both",
         f"# compiled: {COMPILED[args.compile]}",
     ]
@@ -361,12 +470,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", action="append", help="fp32 and/or bf16; repeat or comma-separate (default: both)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length T (default 128)")
-    parser.add_argument("--batch", type=int, help=f"sequences per step (default {TOKENS_PER_STEP} // seq)")
+    parser.add_argument(
+        "--batch", type=int,
+        help=f"sequences per step (default: {TOKENS_PER_STEP['cpu']} // seq on CPU, {TOKENS_PER_STEP['cuda']} // seq on a GPU)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per round (default 2)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per model (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first (default 1)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    parser.add_argument(
+        "--peak-size", type=int,
+        help=f"side of the square matmul timed for the peak (default {PEAK_SIZE['cpu']} on CPU, {PEAK_SIZE['cuda']} on a GPU)",
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"],
+        help="where both models train (default: cuda when a GPU is visible, else cpu)",
+    )
+    parser.add_argument(
+        "--preset", default="bench",
+        help="model size: 'bench', the fixed config of the module docstring (default), or a preset "
+        "every chosen family has (tiny, small, base), with --vocab and dropout 0.0",
+    )
+    parser.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary size (default {VOCAB})")
+    parser.add_argument(
+        "--docs", type=int, default=1,
+        help=f"documents packed in each block, attention kept inside each (CLM: {', '.join(DOC_MASK_FAMILIES)}); default 1",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
     parser.add_argument("--compile", choices=list(COMPILED), default="none",
@@ -375,12 +504,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
     args.dtype = split_choices(parser, "--dtype", args.dtype, list(DTYPES))
-    args.batch = args.batch or max(1, TOKENS_PER_STEP // args.seq)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible to PyTorch (torch.cuda.is_available() is False)")
+    args.batch = args.batch or max(1, TOKENS_PER_STEP[args.device] // args.seq)
+    args.peak_size = args.peak_size or PEAK_SIZE[args.device]
     if args.compile != "none":
         args.warmup = max(args.warmup, 2)  # the first step compiles, the second may recompile for grad mode
-    for name in ("seq", "batch", "steps", "rounds", "peak_size"):
+    for name in ("seq", "batch", "steps", "rounds", "peak_size", "vocab", "docs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.docs > args.seq:
+        parser.error(f"--docs {args.docs}: more documents than positions in a block (--seq {args.seq})")
+    if args.docs > 1:
+        other = [f for f in args.family if f not in DOC_MASK_FAMILIES]
+        if other:
+            parser.error(f"--docs runs families {', '.join(DOC_MASK_FAMILIES)} only; drop {', '.join(other)} (--family)")
+    if args.preset != "bench":
+        lacking = [f for f in args.family if f in FAMILIES and args.preset not in FAMILIES[f].presets]
+        if lacking:
+            parser.error(f"--preset {args.preset}: no such preset for {', '.join(lacking)}")
     return args
 
 
@@ -400,21 +544,34 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size) for d in args.dtype}
+    peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size, device=args.device) for d in args.dtype}
     print("\n".join(header(args, peaks)), flush=True)
+    spec = spec_bf16_flops(args.device)
     for family in (f for f in args.family if f in FAMILIES and f in TARGETS):
         for dtype in args.dtype:
-            ours, hf, scored = build_sides(family, args.batch, args.seq, args.seed, args.compile)
+            ours, hf, scored = build_sides(
+                family, args.batch, args.seq, args.seed, args.compile,
+                device=args.device, preset=args.preset, vocab=args.vocab, docs=args.docs,
+            )
             loss_ours, loss_hf = first_losses(ours, hf, dtype)
+            params = sum(p.numel() for p in ours.model.parameters())
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
-                  f"head_share={scored:.3f} load={load_average()}", flush=True)
+                  f"head_share={scored:.3f} params={params} load={load_average()}", flush=True)
             ours_rate, hf_rate = compare(ours, hf, dtype, args, args.batch * args.seq)
-            mfu = ours_rate * flops_per_token(ours.model, args.seq, scored) / peaks[dtype]
-            print(case_line(family, dtype, args.seq, ours_rate, hf_rate, mfu), flush=True)
+            model_flops = ours_rate * flops_per_token(ours.model, args.seq, scored)
+            print(case_line(family, dtype, args.seq, ours_rate, hf_rate, model_flops / peaks[dtype]), flush=True)
+            if spec is not None and dtype == "bf16":
+                print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "
+                      f"data-sheet figure for {spec[0]})", flush=True)
+            if args.device == "cuda":
+                print(f"# peak_memory_gib={peak_memory(args.device):.1f} (both models, since start)", flush=True)
             if args.profile:
                 for name, side in (("scratchlm", ours), ("hf", hf)):
                     table = profile_steps(side, dtype, args.profile)
                     print("\n".join(f"# [{name}] {row}" for row in table.splitlines()), flush=True)
+            del ours, hf
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

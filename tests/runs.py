@@ -31,9 +31,10 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def fit_recipe(recipe: str, root: Path) -> tuple[Path, subprocess.CompletedProcess]:
+def fit_recipe(recipe: str, root: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """(exported folder, completed process) of a short fit of ``recipe`` (``TINY_FIT``, then ``extra``)."""
     result = run_cli(
-        "fit", "--config", str(RECIPES / recipe), "--trainer.default_root_dir", str(root), *TINY_FIT
+        "fit", "--config", str(RECIPES / recipe), "--trainer.default_root_dir", str(root), *TINY_FIT, *extra
     )
     return Path(result.stdout.strip().splitlines()[-1]), result
 

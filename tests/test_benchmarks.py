@@ -101,6 +101,51 @@ def test_throughput_flops_count_the_head_where_it_runs(throughput):
     )
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_throughput_packed_documents_give_hf_the_same_document_mask(throughput, family):
+    """With ``--docs``, HF gets the inputs that make it compute what our document-masked model
+    computes: equal logits, where the same HF model without that mask attends across documents
+    (GPT-2) or finds the documents from the restarting positions itself (Llama)."""
+    import torch
+
+    ours, hf, _ = throughput.build_sides(family, batch_size=2, seq=24, seed=0, docs=3)
+    objective = throughput.CausalLM(throughput.tokenizer_info(family), document_masks=True)
+    batch = throughput.random_batch(objective, 2, 24, seed=0, docs=3)
+    assert batch["doc_ids"][0].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    inputs = throughput.hf_inputs(family, batch, docs=3)
+    with torch.no_grad():
+        ours_logits = ours.model.logits(ours.model(batch["input_ids"], None, doc_ids=batch["doc_ids"]))
+        hf_logits = hf.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        unmasked = hf.model(**{k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}).logits
+        ours_loss, hf_loss = ours.loss().item(), hf.loss().item()
+    torch.testing.assert_close(hf_logits, ours_logits, rtol=1e-4, atol=1e-4)
+    if family == "gpt2":
+        assert (unmasked - ours_logits).abs().max() > 1e-2
+    assert hf_loss == pytest.approx(ours_loss, abs=1e-4)
+    # The first token of each later document is no target: 2 blocks x (23 - 2) scored positions.
+    assert (batch["labels"] != -100).sum() == 2 * 21
+    assert (inputs["labels"][:, 1:] != -100).sum() == 2 * 21
+
+
+def test_throughput_runs_a_named_preset(throughput, capsys):
+    throughput.main(
+        ["--family", "llama", "--dtype", "fp32", "--preset", "tiny", "--vocab", "500", "--seq", "16", "--batch", "2",
+         "--steps", "1", "--rounds", "1", "--warmup", "0", "--peak-size", "64", "--threads", "1", "--device", "cpu"]
+    )
+    output = capsys.readouterr().out
+    assert "each family's 'tiny' preset, vocab=500" in output
+    config = throughput.build_config("llama", "tiny", vocab_size=500)
+    expected = sum(p.numel() for p in throughput.build_model("llama", config).parameters())
+    assert f"params={expected} " in output
+    assert [THROUGHPUT_LINE.fullmatch(line)[1] for line in body_lines(output)] == ["llama"]
+
+
+def test_throughput_refuses_documents_where_hf_has_no_equal(throughput, capsys):
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--family", "bert", "--docs", "2"])
+    assert "--docs runs families gpt2, llama only; drop bert" in capsys.readouterr().err
+
+
 def test_data_pipeline_prints_one_line_per_case(tmp_path, capsys):
     corpus = tmp_path / "tiny.jsonl.gz"
     words = "the quick brown fox jumps over the lazy dog while a cat sleeps in the sun".split()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements and checks, in order of importance, each bounded in time, into one log.
+#
+#   bash benchmarks/gpu.sh                 # everything that fits in $GPU_BUDGET_S seconds (540)
+#   bash benchmarks/gpu.sh bench compile   # only the named steps
+#
+# Steps: tests (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the
+# fused loss under bf16, a bf16 fit on the GPU), bench (llama-base, ~124M, seq 1024, bf16, eager,
+# against transformers), compile (the same, both models compiled), docs (the same with 4 packed
+# documents per block: FlexAttention in ours), families (gpt2 and bert base, bf16, eager).
+# A step starts only if its time limit fits in what is left of the budget. The log goes to
+# $OUT/gpu.log when OUT is set, else to gpu.log in the current folder. Runs without installing:
+# the package comes from src/ (PYTHONPATH), the machine's own torch and transformers are used.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+LOG=${OUT:-.}/gpu.log
+BUDGET=${GPU_BUDGET_S:-540}
+START=$SECONDS
+WANTED=" ${*:-tests bench compile docs families} "
+LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16)
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    [[ $WANTED == *" $name "* ]] || return 0
+    local left=$((BUDGET - (SECONDS - START)))
+    if ((limit > left)); then
+        echo "## $name: skipped (needs up to ${limit} s, ${left} s of the budget left)" | tee -a "$LOG"
+        return 0
+    fi
+    echo "## $name: $* (limit ${limit} s)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "## $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+{
+    echo "## $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
+    "$PYTHON" -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1
+} | tee "$LOG"
+
+step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
+step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
+step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
+step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \
+    --vocab 50257 --seq 1024 --dtype bf16 --rounds 3
+echo "## done after $((SECONDS - START)) s" | tee -a "$LOG"
