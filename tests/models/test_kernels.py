@@ -5,7 +5,7 @@ import torch
 
 from torch import nn
 
-from scratchlm.models.layers import RMSNorm, apply_rope, rope_cos_sin
+from scratchlm.models.layers import RMSNorm, apply_rope, gated, rope_cos_sin
 
 
 def textbook(x, cos, sin):
@@ -78,3 +78,22 @@ def test_rms_norm_in_other_dtypes_is_torch_composite():
     norm = RMSNorm(8, eps=1e-6).bfloat16()
     bf16 = torch.randn(3, 8).bfloat16()
     torch.testing.assert_close(norm(bf16), nn.functional.rms_norm(bf16, (8,), norm.weight, 1e-6))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_activation_matches_the_formula(activation, dtype):
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 12, generator=generator).to(dtype).requires_grad_()
+    h_ref = h.detach().clone().requires_grad_()
+    grad_out = torch.randn(2, 5, 6, generator=generator).to(dtype)
+    a, b = h_ref.chunk(2, dim=-1)
+    y, y_ref = gated(h, activation), getattr(torch.nn.functional, activation)(a) * b
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref)
+    (grad,) = torch.autograd.grad(y, h, grad_out)
+    (grad_ref,) = torch.autograd.grad(y_ref, h_ref, grad_out)
+    torch.testing.assert_close(grad, grad_ref)
+    if dtype == torch.float32:
+        h64 = h.detach().double().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x: gated(x, activation), (h64,))

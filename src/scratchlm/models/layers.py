@@ -246,6 +246,49 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+# --- gated MLP activations ----------------------------------------------------------------------
+
+GATE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+"""The branch activations of gated MLPs: SiLU (SwiGLU, Llama), exact GELU (GeGLU, ModernBERT)."""
+
+
+def gated(h_BT2F: torch.Tensor, activation: Literal["silu", "gelu"]) -> torch.Tensor:
+    """``act(a) * b`` for ``a, b = h.chunk(2, dim=-1)``, the middle of a gated MLP whose two input
+    projections are one fused matmul: (..., 2F) -> (..., F).
+
+    Through autograd the chunk's backward concatenates the two halves' gradients into a fresh
+    (..., 2F) tensor, one more pass over it; here the backward writes each half's gradient into
+    its place of one buffer. Under ``torch.compile`` the plain formula runs (the compiler fuses it)."""
+    if torch.compiler.is_compiling():
+        a, b = h_BT2F.chunk(2, dim=-1)
+        return GATE_ACTIVATIONS[activation](a) * b
+    return _Gated.apply(h_BT2F, activation)
+
+
+class _Gated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, activation):
+        a, b = h.chunk(2, dim=-1)
+        act_a = GATE_ACTIVATIONS[activation](a)
+        ctx.save_for_backward(h, act_a)
+        ctx.activation = activation
+        return act_a * b
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        """grad_a = act'(a)·(grad_y·b), grad_b = grad_y·act(a), each into its half of one buffer."""
+        h, act_a = ctx.saved_tensors
+        a, b = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_a, grad_b = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_y, act_a, out=grad_b)
+        if ctx.activation == "silu":
+            torch.ops.aten.silu_backward.grad_input(grad_y * b, a, grad_input=grad_a)
+        else:
+            torch.ops.aten.gelu_backward.grad_input(grad_y * b, a, grad_input=grad_a)
+        return grad_h, None
+
+
 # --- rotary position embeddings ------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
+    gated,
     init_normal,
     positions_in_documents,
     rope_cos_sin,
@@ -156,8 +157,7 @@ class SwiGLU(nn.Module):
         self.proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        gate_BTF, up_BTF = self.gate_up(x_BTD).chunk(2, dim=-1)
-        return self.proj(F.silu(gate_BTF) * up_BTF)
+        return self.proj(gated(self.gate_up(x_BTD), "silu"))  # silu(gate) * up
 
 
 class LlamaBlock(nn.Module):

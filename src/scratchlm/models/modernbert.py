@@ -37,6 +37,7 @@ from scratchlm.models.layers import (
     check_shared_fields,
     count_params,
     gather_positions,
+    gated,
     mask_rows,
     positions_in_documents,
     rope_cos_sin,
@@ -188,8 +189,7 @@ class GeGLU(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        a_BTF, gate_BTF = self.fc(x_BTD).chunk(2, dim=-1)
-        return self.proj(self.dropout(F.gelu(a_BTF) * gate_BTF))
+        return self.proj(self.dropout(gated(self.fc(x_BTD), "gelu")))  # gelu(a) * gate
 
 
 class ModernBertBlock(nn.Module):
