@@ -91,6 +91,7 @@ from scratchlm.models import FAMILIES, build_config, build_model
 from scratchlm.models.layers import build_attention_mask, positions_in_documents
 from scratchlm.objectives.clm import CausalLM
 from scratchlm.objectives.mlm import MaskedLM
+from scratchlm.training.callbacks import BF16_PEAK_FLOPS
 from scratchlm.tokenizer import STYLE_OF_FAMILY, TokenizerInfo
 
 VOCAB = 8192
@@ -133,18 +134,6 @@ PEAK_SIZE = {"cpu": 2048, "cuda": 8192}
 DOC_MASK_FAMILIES = ("gpt2", "llama")
 """Families for which ``--docs`` has an HF equivalent that computes the same loss: the causal
 document mask as a 4D boolean attention mask, and (llama) positions restarting in each document."""
-
-SPEC_BF16_FLOPS = {
-    "H100 80GB HBM3": 989.4e12,
-    "H100 SXM": 989.4e12,
-    "H100 NVL": 835.5e12,
-    "H100 PCIe": 756.5e12,
-    "H200": 989.4e12,
-    "A100": 312e12,
-}
-"""Dense bf16 tensor-core FLOP/s of NVIDIA's data sheets, by a part of ``torch.cuda.get_device_name()``
-(first match wins): GPU MFU is usually quoted against these, so bf16 cases on such a GPU also print
-``mfu_spec`` in a comment beside ``mfu`` (against the measured peak)."""
 
 
 # --- the two sides of a case ---------------------------------------------------------------------
@@ -382,11 +371,12 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int = 5, device: str = "
 
 
 def spec_bf16_flops(device: str) -> tuple[str, float] | None:
-    """(GPU name, data-sheet dense bf16 FLOP/s) when the GPU is in ``SPEC_BF16_FLOPS``, else None."""
+    """(GPU name, data-sheet dense bf16 FLOP/s) for a GPU in the table that training's ``train/mfu``
+    uses (``training.callbacks.BF16_PEAK_FLOPS``), else None: GPU MFU is usually quoted against it."""
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    return next(((name, flops) for part, flops in SPEC_BF16_FLOPS.items() if part in name), None)
+    return next(((name, flops) for part, flops in BF16_PEAK_FLOPS.items() if part in name), None)
 
 
 # --- profiling -----------------------------------------------------------------------------------

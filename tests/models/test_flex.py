@@ -64,3 +64,23 @@ def test_a_failing_flex_kernel_falls_back_to_the_dense_mask_with_one_warning(fle
         dense = model(ids, doc_ids=doc_ids)
     torch.testing.assert_close(fallen, dense)
     assert layers._flex_state["failed"]
+
+
+def test_every_layer_of_a_forward_shares_one_block_mask(flex_on_cpu, monkeypatch):
+    built = []
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    real = layers.create_block_mask
+    monkeypatch.setattr(layers, "create_block_mask", counting)
+    model = tiny("llama")
+    assert model.config.n_layers == 2
+    ids, doc_ids = packed_batch(97)
+    with torch.no_grad():
+        model(ids, doc_ids=doc_ids)
+    assert len(built) == 1
+    with torch.no_grad():
+        model(ids, doc_ids=doc_ids)
+    assert len(built) == 2  # a new batch, a new mask

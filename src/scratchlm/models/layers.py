@@ -9,7 +9,7 @@ Shape legend (used in comments and name suffixes across ``models/``):
     V  vocabulary size               N  a flat set of selected positions (e.g. masked tokens)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 import warnings
 
@@ -137,10 +137,17 @@ class FlexMask:
     attention_mask: torch.Tensor | None
     doc_ids: torch.Tensor
     causal: bool
+    _block_mask: "BlockMask | None" = field(default=None, init=False, repr=False, compare=False)
 
     def block_mask(self):
         """The FlexAttention ``BlockMask``: which (query, key) pairs may meet, by the rule of
-        :func:`build_attention_mask`."""
+        :func:`build_attention_mask`. Built on the first call and kept: every layer of a forward
+        pass shares one mask."""
+        if self._block_mask is None:
+            self._block_mask = self._build_block_mask()
+        return self._block_mask
+
+    def _build_block_mask(self):
         doc_ids, causal = self.doc_ids, self.causal
         real_BT = doc_ids >= 0
         if self.attention_mask is not None:
