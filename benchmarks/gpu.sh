@@ -6,8 +6,12 @@
 #
 # Steps: tests (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the
 # fused loss under bf16, a bf16 fit on the GPU), bench (llama-base, ~124M, seq 1024, bf16, eager,
-# against transformers), compile (the same, both models compiled), docs (the same with 4 packed
-# documents per block: FlexAttention in ours), families (gpt2 and bert base, bf16, eager).
+# against transformers), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
+# training logs, loop and data loader included), compile (bench with both models compiled), docs
+# (bench with 4 packed documents per block: FlexAttention in ours), families (gpt2 and bert base).
+# The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
+# steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
+# repository (e.g. .corpus/, listed in .git/info/exclude), carry that folder, and set FIT_CORPUS.
 # A step starts only if its time limit fits in what is left of the budget. The log goes to
 # $OUT/gpu.log when OUT is set, else to gpu.log in the current folder. Runs without installing:
 # the package comes from src/ (PYTHONPATH), the machine's own torch and transformers are used.
@@ -18,7 +22,7 @@ PYTHON=${PYTHON:-python3}
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-tests bench compile docs families} "
+WANTED=" ${*:-tests bench fit compile docs families} "
 LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16)
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -45,6 +49,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
 step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
+export FIT_DIR=$(mktemp -d)
+FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_size 32768 --data.block_size 1024
+    --data.batch_size 16 --trainer.precision bf16-mixed --trainer.max_steps 80 --trainer.log_every_n_steps 2
+    --trainer.val_check_interval 1000 --trainer.enable_progress_bar false --trainer.default_root_dir "$FIT_DIR")
+[[ -n ${FIT_CORPUS:-} ]] && FIT+=(--data.paths "$FIT_CORPUS")
+step fit 150 bash -c '"$@" && "$0" benchmarks/fit_speed.py "$FIT_DIR" --skip 20' "$PYTHON" "$PYTHON" "${FIT[@]}"
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \

@@ -191,3 +191,16 @@ def test_soak_samples_speed_and_memory_and_summarises(capsys):
     summary = SOAK_LINE.fullmatch(lines[-1])
     assert summary, lines[-1]
     assert int(summary[1]) > 0 and float(summary[2]) > 0 and float(summary[5]) > 0
+
+
+def test_fit_speed_summarises_the_logged_throughput(tmp_path, capsys):
+    logs = tmp_path / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    rows = ["epoch,step,train/loss,train/tok_s,train/tflops", "0,1,9.0,100,0.1", "0,3,8.0,,"]
+    rows += [f"0,{step},7.0,{1000 + step},{step / 10}" for step in (10, 12, 14)]
+    (logs / "metrics.csv").write_text("\n".join(rows) + "\n")
+    fit_speed = load_script("fit_speed")
+    fit_speed.main([str(tmp_path), "--skip", "5"])
+    assert capsys.readouterr().out.strip() == "rows=3 steps=10..14 tok_s=1012 tflops=1.2"
+    with pytest.raises(SystemExit, match="no train/tok_s logged after step 50"):
+        fit_speed.main([str(tmp_path), "--skip", "50"])
