@@ -121,3 +121,25 @@ def test_accuracy_is_the_share_of_scored_rows_predicted(chunk_rows):
     assert 0.3 < expected < 1
     _, accuracy = linear_cross_entropy(features, weight, bias_V, targets, chunk_rows=chunk_rows)
     torch.testing.assert_close(accuracy, expected)
+
+
+def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
+    """Each chunk pays a pass over the whole weight gradient, so a large vocabulary must not shrink
+    chunks to a few rows: the byte budget decides for small vocabularies only."""
+    from scratchlm.objectives import cross_entropy
+
+    assert cross_entropy.default_chunk_rows("cpu", 8192, low_precision=False) == 256
+    assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=False) == 256
+    assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=True) == 512
+    assert cross_entropy.default_chunk_rows("cpu", 1000, low_precision=False) == (4 << 20) // 4000
+    assert cross_entropy.default_chunk_rows("cuda", 50257, low_precision=True) == (256 << 20) // (4 * 50257)
+    # The call without chunk_rows uses it: 600 rows in chunks of 512 under bf16 autocast, 256 in fp32.
+    seen = []
+    original = cross_entropy._chunked
+    monkeypatch.setattr(cross_entropy, "_chunked", lambda *args: seen.append(args[5]) or original(*args))
+    features, weight = torch.randn(600, 8), torch.randn(50257, 8)
+    targets = torch.randint(50257, (600,))
+    cross_entropy.linear_cross_entropy(features, weight, None, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cross_entropy.linear_cross_entropy(features, weight, None, targets)
+    assert seen == [256, 512]

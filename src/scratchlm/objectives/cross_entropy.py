@@ -25,6 +25,14 @@ where bandwidth is plenty and each chunk costs a few kernel launches, larger (``
 
 DEFAULT_CHUNK_BYTES = 256 << 20
 
+MIN_CHUNK_ROWS = {"fp32": 256, "low": 512}
+"""The fewest rows a chunk gets, whatever the byte budget says: every chunk also makes one pass
+over the whole V×D weight gradient (its matmul accumulates into it; in bf16 or fp16 an fp32 add
+of the chunk's low-precision result follows), a cost that only more rows amortise. Without this
+floor a 50257-token vocabulary got 20-row chunks on CPU, and the fused route ran slower than the
+plain one (N=4096, D=256, two cores: fp32 2.55 s against 1.91 s plain, 1.34 s with 256 rows;
+bf16 autocast 5.23 s against 1.64 s plain, 1.02 s with 512 rows)."""
+
 
 def linear_cross_entropy(
     features_ND: torch.Tensor,
@@ -44,9 +52,15 @@ def linear_cross_entropy(
     device = features_ND.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features_ND.dtype
     if chunk_rows is None:
-        budget = CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES)
-        chunk_rows = max(1, budget // (4 * weight_VD.shape[0]))
+        chunk_rows = default_chunk_rows(device, weight_VD.shape[0], low_precision=compute_dtype.itemsize < 4)
     return _LinearCrossEntropy.apply(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows)
+
+
+def default_chunk_rows(device: str, vocab_size: int, low_precision: bool) -> int:
+    """Rows per chunk: the device's byte budget of fp32 logits, but never fewer than
+    ``MIN_CHUNK_ROWS`` (for the compute precision)."""
+    budget_rows = CHUNK_BYTES.get(device, DEFAULT_CHUNK_BYTES) // (4 * vocab_size)
+    return max(budget_rows, MIN_CHUNK_ROWS["low" if low_precision else "fp32"])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
