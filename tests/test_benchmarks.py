@@ -204,3 +204,17 @@ def test_fit_speed_summarises_the_logged_throughput(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "rows=3 steps=10..14 tok_s=1012 tflops=1.2"
     with pytest.raises(SystemExit, match="no train/tok_s logged after step 50"):
         fit_speed.main([str(tmp_path), "--skip", "50"])
+
+
+def test_head_loss_times_both_routes(capsys):
+    head_loss = load_script("head_loss")
+    head_loss.main(["--vocab", "300", "--d-model", "16", "--tokens", "64", "--rows", "default,8", "--repeats", "1"])
+    lines = body_lines(capsys.readouterr().out)
+    pattern = re.compile(rf"vocab=300 d_model=16 tokens=64 dtype=(fp32|bf16) route=(fused|plain) rows=(\S+) ms=({NUMBER})")
+    matches = [pattern.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    budget = f"default({(4 << 20) // (4 * 300)})"  # a small vocabulary: the byte budget decides
+    assert [(m[1], m[2], m[3]) for m in matches] == [
+        ("fp32", "fused", budget), ("fp32", "fused", "8"), ("fp32", "plain", "-"),
+        ("bf16", "fused", budget), ("bf16", "fused", "8"), ("bf16", "plain", "-"),
+    ]
