@@ -97,3 +97,27 @@ def test_gated_activation_matches_the_formula(activation, dtype):
     if dtype == torch.float32:
         h64 = h.detach().double().requires_grad_()
         assert torch.autograd.gradcheck(lambda x: gated(x, activation), (h64,))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_short_bf16_attention_on_cpu_computes_in_fp32(autocast):
+    """Below CPU_BF16_MIN_QUERIES queries, bf16 attention is the fp32 computation rounded once
+    (also under autocast, which would otherwise cast it back to bf16); from there on, plain SDPA."""
+    import torch.nn.functional as F
+
+    from scratchlm.models.layers import CPU_BF16_MIN_QUERIES, sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    for queries, expect_fp32 in ((CPU_BF16_MIN_QUERIES - 1, True), (CPU_BF16_MIN_QUERIES, False)):
+        q, k, v = (torch.randn(2, 3, queries, 8, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+        bias = torch.randn(1, 3, queries, queries, generator=generator).bfloat16()  # a float mask, as T5's
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = sdpa(q, k, v, attn_mask=bias, scale=1.0)
+        assert y.dtype == torch.bfloat16
+        if expect_fp32:
+            expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=1.0)
+        else:
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0)
+        y.float().square().sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0

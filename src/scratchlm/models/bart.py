@@ -27,6 +27,7 @@ from scratchlm.models.layers import (
     check_shared_fields,
     count_params,
     init_normal,
+    sdpa,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class CrossAttention(nn.Module):
         q_BHTK = self.q(x_BTD).view(B, T, H, D // H).transpose(1, 2)
         kv = self.kv(memory_BSD).view(B, S, 2, H, D // H)  # (B, S, 2, H, K)
         k_BHSK, v_BHSK = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, K)
-        y_BHTK = F.scaled_dot_product_attention(
+        y_BHTK = sdpa(
             q_BHTK, k_BHSK, v_BHSK, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)

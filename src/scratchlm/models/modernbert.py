@@ -41,6 +41,7 @@ from scratchlm.models.layers import (
     mask_rows,
     positions_in_documents,
     rope_cos_sin,
+    sdpa,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class RotaryAttention(nn.Module):
         # would otherwise reach SDPA in fp32 and v in bf16.
         q_BHQK = apply_rope(q_BHQK.float(), cos_q, sin_q).to(v_BHTK.dtype)
         k_BHTK = apply_rope(k_BHTK.float(), cos, sin).to(v_BHTK.dtype)
-        y_BHQK = F.scaled_dot_product_attention(
+        y_BHQK = sdpa(
             q_BHQK,
             k_BHTK,
             v_BHTK,

@@ -27,6 +27,7 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
+    sdpa,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def attend(q_BHQK, k_BHTK, v_BHTK, mask, dropout: float) -> torch.Tensor:
     """SDPA with T5's unscaled scores (``scale=1``); the mask is a bool or a float bias."""
-    return F.scaled_dot_product_attention(q_BHQK, k_BHTK, v_BHTK, attn_mask=mask, dropout_p=dropout, scale=1.0)
+    return sdpa(q_BHQK, k_BHTK, v_BHTK, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 
 class T5SelfAttention(nn.Module):
