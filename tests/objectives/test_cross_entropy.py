@@ -77,6 +77,31 @@ def test_nothing_scored_is_nan_like_torch():
     assert loss.isnan() and accuracy == 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("chunk_rows", [8, N])
+def test_softmax_blocks_inside_a_chunk_change_nothing(autocast, chunk_rows, monkeypatch):
+    """Blocks of 3 rows (the last one shorter) inside chunks of 8 or all rows: the same loss,
+    accuracy and gradients as one block per chunk."""
+    from scratchlm.objectives import cross_entropy
+
+    args = inputs(bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        whole, grads_whole = loss_and_grads(fused(chunk_rows), *args)
+        accuracy_whole = linear_cross_entropy(*args, chunk_rows=chunk_rows)[1]
+        monkeypatch.setitem(cross_entropy.SOFTMAX_BYTES, "cpu", 3 * 4 * V)
+        blocked, grads_blocked = loss_and_grads(fused(chunk_rows), *args)
+        accuracy_blocked = linear_cross_entropy(*args, chunk_rows=chunk_rows)[1]
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+    assert accuracy_blocked == accuracy_whole
+    for got, want in zip(grads_blocked, grads_whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if not autocast:
+        loss_ref, grads_ref = loss_and_grads(plain, *args)
+        torch.testing.assert_close(blocked, loss_ref, rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads_blocked, grads_ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_autocast_follows_the_plain_route():
     features, weight, bias_V, targets = inputs(bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

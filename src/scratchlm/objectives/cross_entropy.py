@@ -3,13 +3,15 @@
 The plain route, ``F.cross_entropy(F.linear(x, W, b).float(), y)``, writes the whole (N, V) fp32
 logit matrix, then its log-softmax, then in backward a zero-filled gradient of the same size and
 the log-softmax gradient: four passes over N·V floats (134 MB each for 4096 tokens and a vocabulary
-of 8192) around three matmuls that are the real work. Here the rows go through in chunks small
-enough to stay in cache: for each chunk, the logits, their log-softmax (in place), the loss terms,
-and, when a gradient is wanted, the softmax minus one-hot turned straight into the chunk's
-gradients of ``x``, ``W`` and ``b``. Backward then only scales the stored gradients by the
+of 8192) around three matmuls that are the real work. Here the rows go through in chunks: for
+each chunk, the logits (one matmul), then block by block, in blocks small enough to stay in cache,
+their log-softmax (in place), the loss terms and, when a gradient is wanted, the softmax minus
+one-hot written over the logits; then that gradient turned straight into the chunk's gradients of
+``x``, ``W`` and ``b`` (two matmuls). Backward then only scales the stored gradients by the
 incoming one. The same FLOPs, no N×V tensor alive at any time, and on two CPU cores 40% less time
-than the plain route for the head and loss (forward and backward for N=4096, D=256, V=8192 in
-fp32: 318 → 182 ms, against 147 ms for the three matmuls alone). Liger-Kernel's fused
+than the plain route for the head and loss in fp32, 65% less under bf16 autocast (forward and
+backward for N=4096, D=256, V=8192: fp32 336 → 198-204 ms, bf16 237 → 77-83 ms;
+``benchmarks/head_loss.py``). Liger-Kernel's fused
 linear cross-entropy does the same on GPUs with Triton; this one is plain PyTorch and runs
 anywhere.
 """
@@ -20,10 +22,16 @@ import torch.nn.functional as F
 from scratchlm.objectives.batch import IGNORE_INDEX
 
 CHUNK_BYTES = {"cpu": 4 << 20}
-"""Bytes of fp32 logits per chunk, by device type: about an L2 cache on CPUs; on accelerators,
-where bandwidth is plenty and each chunk costs a few kernel launches, larger (``DEFAULT_CHUNK_BYTES``)."""
+"""Bytes of fp32 logits per chunk (the rows that go through the matmuls together), by device type:
+small on CPUs, where ``MIN_CHUNK_ROWS`` decides for all but small vocabularies; on accelerators,
+where each chunk costs a few kernel launches, larger (``DEFAULT_CHUNK_BYTES``)."""
 
 DEFAULT_CHUNK_BYTES = 256 << 20
+
+SOFTMAX_BYTES = {"cpu": 2 << 20}
+"""Bytes of fp32 per block of the softmax and its gradient inside a chunk, by device type: about a
+core's L2 cache, so the elementwise passes stay in it (1 to 4 MB measured alike on two cores; at
+256 KB the per-op overhead shows). Elsewhere a block is the whole chunk."""
 
 MIN_CHUNK_ROWS = {"fp32": 256, "low": 512}
 """The fewest rows a chunk gets, whatever the byte budget says: every chunk also makes one pass
@@ -100,12 +108,15 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     grad_b_V = torch.zeros(V, dtype=softmax_dtype, device=weight_VD.device) if need_bias else None
 
     rows = max(1, min(chunk_rows, N))
-    logits_buffer = x_ND.new_empty(rows, V)
+    # The softmax and its gradient go through each chunk in blocks that fit in cache (CPU), the
+    # matmuls through the whole chunk: many rows amortise the pass each chunk makes over the
+    # weight gradient, few rows keep the elementwise passes out of memory.
+    block = max(1, min(rows, SOFTMAX_BYTES.get(x_ND.device.type, rows * V * 4) // (4 * V)))
+    logits_buffer = x_ND.new_empty(rows, V)  # the logits, then (overwritten block by block) their gradient
     # The log-softmax in place where the kernel allows it (CPU, fp32 logits), else a second buffer.
     low_precision = compute_dtype != softmax_dtype
     in_place = not low_precision and x_ND.device.type == "cpu"
-    logprob_buffer = logits_buffer if in_place else x_ND.new_empty(rows, V, dtype=softmax_dtype)
-    grad_buffer = logits_buffer if low_precision else None  # the fp32 gradient cast back for the matmuls
+    logprob_buffer = None if in_place else x_ND.new_empty(block, V, dtype=softmax_dtype)
     weight_grad_chunk = x_ND.new_empty(weight_VD.shape) if need_weight and low_precision else None
 
     loss_sum = torch.zeros((), dtype=softmax_dtype, device=x_ND.device)
@@ -118,21 +129,27 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             torch.mm(x_nD, w_VD.t(), out=logits_nV)
         else:
             torch.addmm(b_V, x_nD, w_VD.t(), out=logits_nV)
-        logprob_nV = torch.log_softmax(logits_nV, dim=-1, dtype=softmax_dtype, out=logprob_buffer[: stop - start])
-        target_n1 = safe_targets_N1[start:stop]
-        weight_n1 = row_weight_N1[start:stop]
-        target_logprob_n1 = logprob_nV.gather(1, target_n1)
-        loss_sum -= (target_logprob_n1 * scored_N[start:stop, None]).sum()
-        correct += ((target_logprob_n1 >= logprob_nV.amax(1, keepdim=True)) & scored_N[start:stop, None]).sum()
+        for first in range(start, stop, block):
+            last = min(stop, first + block)
+            logits_bV = logits_nV[first - start : last - start]
+            out = logits_bV if in_place else logprob_buffer[: last - first]
+            logprob_bV = torch.log_softmax(logits_bV, dim=-1, dtype=softmax_dtype, out=out)
+            target_b1, scored_b1 = safe_targets_N1[first:last], scored_N[first:last, None]
+            target_logprob_b1 = logprob_bV.gather(1, target_b1)
+            loss_sum -= (target_logprob_b1 * scored_b1).sum()
+            correct += ((target_logprob_b1 >= logprob_bV.amax(1, keepdim=True)) & scored_b1).sum()
+            if not any_grad:
+                continue
+            grad_bV = logprob_bV.exp_()
+            grad_bV.scatter_add_(1, target_b1, grad_bV.new_full(target_b1.shape, -1.0))
+            grad_bV.mul_(row_weight_N1[first:last])
+            if need_bias:
+                grad_b_V.add_(grad_bV.sum(0))
+            if not in_place:
+                logits_bV.copy_(grad_bV)  # into the compute dtype, for the matmuls
         if not any_grad:
             continue
-        grad_nV = logprob_nV.exp_()
-        grad_nV.scatter_add_(1, target_n1, grad_nV.new_full(target_n1.shape, -1.0))
-        grad_nV.mul_(weight_n1)
-        if need_bias:
-            grad_b_V.add_(grad_nV.sum(0))
-        if grad_buffer is not None:
-            grad_nV = grad_buffer[: stop - start].copy_(grad_nV)
+        grad_nV = logits_nV
         if need_features:
             torch.mm(grad_nV, w_VD, out=grad_x_ND[start:stop])
         if need_weight:
