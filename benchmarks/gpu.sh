@@ -51,7 +51,7 @@ step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
 step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
 export FIT_DIR=$(mktemp -d)
 FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_size 32768 --data.block_size 1024
-    --data.batch_size 16 --trainer.precision bf16-mixed --trainer.max_steps 80 --trainer.log_every_n_steps 2
+    --data.batch_size 16 --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.max_steps 80 --trainer.log_every_n_steps 2
     --trainer.val_check_interval 1000 --trainer.enable_progress_bar false --trainer.default_root_dir "$FIT_DIR")
 [[ -n ${FIT_CORPUS:-} ]] && FIT+=(--data.paths "$FIT_CORPUS")
 step fit 150 bash -c '"$@" && "$0" benchmarks/fit_speed.py "$FIT_DIR" --skip 20' "$PYTHON" "$PYTHON" "${FIT[@]}"
