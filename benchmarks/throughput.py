@@ -321,9 +321,9 @@ def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tup
     return statistics.median(ours_rates), statistics.median(hf_rates)
 
 
-def peak_memory(device: str) -> float | None:
-    """Peak allocated GPU memory since the last reset, in GiB (None on CPU)."""
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+def gpu_peak_memory_gib() -> float:
+    """Peak allocated GPU memory since the start, in GiB."""
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 # --- FLOPs and the machine's peak ----------------------------------------------------------------
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "
                       f"data-sheet figure for {spec[0]})", flush=True)
             if args.device == "cuda":
-                print(f"# peak_memory_gib={peak_memory(args.device):.1f} (both models, since start)", flush=True)
+                print(f"# peak_memory_gib={gpu_peak_memory_gib():.1f} (both models, since start)", flush=True)
             if args.profile:
                 for name, side in (("scratchlm", ours), ("hf", hf)):
                     table = profile_steps(side, dtype, args.profile)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
@@ -37,6 +39,13 @@ def fit_recipe(recipe: str, root: Path, *extra: str) -> tuple[Path, subprocess.C
         "fit", "--config", str(RECIPES / recipe), "--trainer.default_root_dir", str(root), *TINY_FIT, *extra
     )
     return Path(result.stdout.strip().splitlines()[-1]), result
+
+
+def mean_next_token_loss(model, tokenizer, text: str) -> float:
+    """An HF causal LM's mean next-token loss on the first 256 tokens of ``text``."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
 
 
 def zen_of_python() -> str:

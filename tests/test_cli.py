@@ -6,16 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from runs import RECIPES, run_cli, zen_of_python
+from runs import RECIPES, mean_next_token_loss, run_cli, zen_of_python
 from scratchlm.cli import main
-
-
-def mean_next_token_loss(model, tokenizer, text: str) -> float:
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :256]
-    with torch.no_grad():
-        return model(input_ids=ids, labels=ids).loss.item()
 
 
 def test_fit_gpt2_prints_a_folder_transformers_generates_from(gpt2_run):

@@ -16,7 +16,7 @@ from scratchlm.models import build_config, build_model
 from scratchlm.models import layers
 from scratchlm.objectives.cross_entropy import linear_cross_entropy
 
-from runs import fit_recipe, zen_of_python
+from runs import fit_recipe, mean_next_token_loss, zen_of_python
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -87,7 +87,5 @@ def test_fit_trains_on_the_gpu_in_bf16(tmp_path):
     assert "GPU available: True (cuda), used: True" in result.stderr, result.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer(zen_of_python(), return_tensors="pt")["input_ids"][:, :256]
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()
+    loss = mean_next_token_loss(model, tokenizer, zen_of_python())
     assert loss < math.log(len(tokenizer)) - 1.0, f"held-out loss {loss:.2f} is near a uniform guess"
