@@ -1,10 +1,16 @@
-"""Non-finite losses and gradients: skipped and counted, and a run that keeps producing them stops."""
+"""Non-finite losses and gradients: skipped and counted, and a run that keeps producing them stops;
+the training step itself never reads a value back from the device to decide it."""
+
+from contextlib import contextmanager
+import functools
+import re
 
 import lightning as L
 import pytest
 import torch
 
 from scratchlm import PretrainModule, ScratchLMError, TextDataModule, train_tokenizer
+from scratchlm.training import optim
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +61,19 @@ def fit(module, tokenizer, root, steps):
 ARCH = {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_ff": 64}
 
 
-def test_nonfinite_losses_are_skipped_and_leave_the_weights_alone(tokenizer, tmp_path):
+@pytest.fixture(params=["fused", "per-tensor"])
+def adamw(request, monkeypatch):
+    """Both of the guard's routes: fused AdamW skips on the device, any other AdamW gets its
+    grads cleared."""
+    if request.param == "per-tensor":
+        monkeypatch.setattr(optim, "FUSED_DEVICES", ())
+    return request.param
+
+
+def test_nonfinite_losses_are_skipped_and_leave_the_weights_alone(tokenizer, tmp_path, adamw):
     module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned={2, 3, 4})
     trainer = fit(module, tokenizer, tmp_path, steps=8)
+    assert trainer.optimizers[0].defaults["fused"] == (adamw == "fused")
     assert module.skipped_steps == 3
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # AdamW counts the updates it applied to each parameter: the poisoned batches made none.
@@ -67,16 +83,70 @@ def test_nonfinite_losses_are_skipped_and_leave_the_weights_alone(tokenizer, tmp
 
 def test_a_run_that_stays_nonfinite_stops_with_a_checkpoint(tokenizer, tmp_path):
     module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned=set(range(2, 100)), max_bad_steps=3)
-    with pytest.raises(ScratchLMError, match="not finite for 4 steps in a row") as error:
+    with pytest.raises(ScratchLMError, match=r"not finite for (\d+) steps in a row") as error:
         fit(module, tokenizer, tmp_path, steps=50)
+    # Read every max_bad_steps steps: stopped within 3 steps of the fourth bad one in a row.
+    assert 4 <= int(re.search(r"for (\d+) steps", str(error.value)).group(1)) <= 6
     saved = list((tmp_path / "checkpoints").glob("nonfinite-*.ckpt"))
     assert len(saved) == 1 and str(saved[0]) in str(error.value)
 
 
-def test_nonfinite_gradients_skip_the_update(tokenizer, tmp_path):
+def test_nonfinite_gradients_skip_the_update(tokenizer, tmp_path, adamw):
     module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned={1, 2}, poison=nan_gradient)
     trainer = fit(module, tokenizer, tmp_path, steps=6)
     assert module.skipped_steps == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     state = trainer.optimizers[0].state
     assert {int(state[p]["step"]) for p in module.parameters()} == {4}
+
+
+@contextmanager
+def no_host_reads():
+    """Any read of a tensor's value into Python (what waits for a GPU) raises inside the block."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host inside the training step")
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        setattr(torch.Tensor, name, refuse)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def without_host_reads(method):
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with no_host_reads():
+            return method(*args, **kwargs)
+
+    return wrapped
+
+
+class Watched(Poisoned):
+    """Every part of a training step that is ours runs under ``no_host_reads``: the loss, the
+    backward pass, the guard and the AdamW update."""
+
+    training_step = without_host_reads(Poisoned.training_step)
+    backward = without_host_reads(Poisoned.backward)
+    on_before_optimizer_step = without_host_reads(Poisoned.on_before_optimizer_step)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step = without_host_reads(optimizer.step)
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            del optimizer.step
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_the_training_step_never_waits_for_the_device(tmp_path, family):
+    with no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
+        bool(torch.ones(()))  # the watch itself works
+    tokenizer = str(train_tokenizer(None, tmp_path / "tok", vocab_size=300, family=family))
+    module = Watched(tokenizer, family=family, arch=ARCH, poisoned={2})
+    fit(module, tokenizer, tmp_path, steps=5)
+    assert module.skipped_steps == 1

@@ -15,6 +15,7 @@ from scratchlm.export import check_exportable
 from scratchlm.models import FAMILIES, build_config, build_model
 from scratchlm.objectives import OBJECTIVES, InfillConfig, MaskedLM, MaskingConfig, SpanConfig
 from scratchlm.tokenizer import TokenizerInfo
+from scratchlm.training.guard import NonFiniteGuard
 from scratchlm.training.optim import OptimConfig, build_optimizer
 
 CHECKPOINT_KEY = "scratchlm"
@@ -104,8 +105,9 @@ class PretrainModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.tokens_seen = 0
         self.max_bad_steps = max_bad_steps
-        self.bad_steps_in_a_row = 0
-        self.skipped_steps = 0
+        self.guard = NonFiniteGuard()
+        self._finite_loss: torch.Tensor | None = None
+        self._checked_at = -1
         self.compile = compile
         self._compile_proven = not compile
         self._fitted_to_data = False
@@ -203,13 +205,11 @@ class PretrainModule(L.LightningModule):
             fit(batch["labels"])
         self._fitted_to_data = True
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.compiled_loss(batch)
-        # One host-device sync per step buys the guard: a NaN or inf loss would otherwise poison
-        # the weights (and AdamW's moments) for good.
-        if not torch.isfinite(loss):
-            self.count_bad_step("loss")
-            return None  # Lightning skips backward and the optimizer step
+        # Whether the loss is finite is decided in on_before_optimizer_step, on the device.
+        finite = torch.isfinite(loss.detach())
+        self._finite_loss = finite if self._finite_loss is None else self._finite_loss & finite
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in metrics.items():
@@ -217,34 +217,55 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Skip the update when the gradients are not finite (the loss was, but backward
-        overflowed): with every grad cleared, AdamW leaves each parameter and its moments as they were."""
+        """Skip the update when the loss (of any micro-batch) or the gradients are not finite.
+        Fused AdamW skips it on the device (``found_inf``), so the step never waits for the
+        answer; any other optimizer gets its grads cleared, and AdamW then leaves each parameter
+        and its moments as they were."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return  # training_step skipped this batch and counted it
-        if torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            self.bad_steps_in_a_row = 0
-            return
-        for parameter in self.model.parameters():
-            parameter.grad = None
-        self.count_bad_step("gradient norm")
+        finite = self._finite_loss if self._finite_loss is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        self._finite_loss = None
+        if grads:  # the total norm is not finite when any gradient holds a NaN or an inf
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        bad = ~finite
+        self.guard.update(bad)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()
+        elif bad.item():  # one host-device synchronisation per step, off the fused path only
+            for parameter in self.model.parameters():
+                parameter.grad = None
 
-    def count_bad_step(self, what: str) -> None:
-        self.skipped_steps += 1
-        self.bad_steps_in_a_row += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        if self.bad_steps_in_a_row > self.max_bad_steps:
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far for a loss or gradient that was not finite (reads the
+        device)."""
+        return self.guard.read()[0]
+
+    def check_nonfinite(self) -> int:
+        """Read the guard's counters (one synchronisation) and stop the run with a checkpoint once
+        more than ``max_bad_steps`` steps in a row were bad; returns the steps skipped so far."""
+        skipped, _, longest = self.guard.read()
+        if longest > self.max_bad_steps:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path)
             raise ScratchLMError(
-                f"the {what} was not finite for {self.bad_steps_in_a_row} steps in a row (step "
-                f"{self.global_step}); stopped with a checkpoint at {path}. Lower --model.optim.lr, "
-                "set --trainer.gradient_clip_val 1.0, or train in bf16-mixed rather than fp16"
+                f"the loss or its gradients were not finite for {longest} steps in a row (seen at "
+                f"step {self.global_step}); stopped with a checkpoint at {path}. Lower "
+                "--model.optim.lr, set --trainer.gradient_clip_val 1.0, or train in bf16-mixed rather than fp16"
             )
+        return skipped
 
     def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # A Python int, counted from shapes: no device synchronisation.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        # The guard is read every few steps: often enough that a run of more than max_bad_steps
+        # bad steps stops within as many again, and never more often than metrics are logged.
+        every = max(1, min(self.trainer.log_every_n_steps, self.max_bad_steps))
+        if self.global_step % every == 0 and self.global_step != self._checked_at:
+            self._checked_at = self.global_step
+            self.log("train/skipped_steps", float(self.check_nonfinite()))
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite()
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), device=self.device)

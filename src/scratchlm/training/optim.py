@@ -72,10 +72,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices where AdamW takes PyTorch's fused kernel: one pass over each parameter and its moments
+instead of a dozen, and a ``found_inf`` flag that skips the update on the device itself."""
+
+
+def fused_supported(model: nn.Module) -> bool:
+    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in model.parameters())
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int):
     """AdamW plus a per-step LambdaLR, in the shape Lightning's ``configure_optimizers`` returns."""
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
+        fused=fused_supported(model),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, config)
