@@ -28,6 +28,7 @@ from scratchlm.models.layers import (
     count_params,
     init_normal,
     sdpa,
+    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -104,8 +105,7 @@ class CrossAttention(nn.Module):
         B, T, D = x_BTD.shape
         S, H = memory_BSD.shape[1], self.n_heads
         q_BHTK = self.q(x_BTD).view(B, T, H, D // H).transpose(1, 2)
-        kv = self.kv(memory_BSD).view(B, S, 2, H, D // H)  # (B, S, 2, H, K)
-        k_BHSK, v_BHSK = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, K)
+        k_BHSK, v_BHSK = split_heads(self.kv(memory_BSD).view(B, S, 2 * H, D // H), H)
         y_BHTK = sdpa(
             q_BHTK, k_BHSK, v_BHSK, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )

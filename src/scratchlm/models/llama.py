@@ -30,6 +30,7 @@ from scratchlm.models.layers import (
     init_normal,
     positions_in_documents,
     rope_cos_sin,
+    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -123,8 +124,7 @@ class GroupedQueryAttention(nn.Module):
         -> (B, T, D)."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x_BTD).view(B, T, H + 2 * G, K).transpose(1, 2)  # (B, H + 2G, T, K)
-        q_BHTK, k_BGTK, v_BGTK = qkv.split([H, G, G], dim=1)
+        q_BHTK, k_BGTK, v_BGTK = split_heads(self.qkv(x_BTD).view(B, T, H + 2 * G, K), [H, G, G])
         # Rotate in fp32 (cos/sin are fp32, so the product promotes), then back to the compute
         # dtype: under bf16 autocast q and k would otherwise reach SDPA in fp32 and v in bf16.
         q_BHTK = apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype)

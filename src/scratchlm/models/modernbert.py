@@ -36,12 +36,13 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
-    gather_positions,
     gated,
+    gather_positions,
     mask_rows,
     positions_in_documents,
     rope_cos_sin,
     sdpa,
+    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -148,15 +149,14 @@ class RotaryAttention(nn.Module):
         B, T, D = x_BTD.shape
         H = self.n_heads
         if queries is None:
-            qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
-            q_BHQK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
+            q_BHQK, k_BHTK, v_BHTK = split_heads(self.qkv(x_BTD).view(B, T, 3 * H, D // H), H)
             cos_q, sin_q = cos, sin
         else:
             if self.causal:
                 raise ValueError("queries at chosen positions are for bidirectional attention only")
             w_q, w_kv = self.qkv.weight.split([D, 2 * D])
             q_BHQK = F.linear(gather_positions(x_BTD, queries), w_q).view(B, -1, H, D // H).transpose(1, 2)
-            k_BHTK, v_BHTK = F.linear(x_BTD, w_kv).view(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+            k_BHTK, v_BHTK = split_heads(F.linear(x_BTD, w_kv).view(B, T, 2 * H, D // H), H)
             cos_q, sin_q = (t[queries] if t.dim() == 2 else gather_positions(t, queries) for t in (cos, sin))
             mask = mask_rows(mask, queries)
         # Rotate in fp32, then back to the compute dtype (as HF does): under bf16 autocast q and k

@@ -28,6 +28,7 @@ from scratchlm.models.layers import (
     check_shared_fields,
     count_params,
     sdpa,
+    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -187,8 +188,7 @@ class T5SelfAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         H = self.n_heads
-        qkv = self.qkv(x_BTD).view(B, T, 3, H, D // H)  # (B, T, 3, H, K)
-        q_BHTK, k_BHTK, v_BHTK = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, K)
+        q_BHTK, k_BHTK, v_BHTK = split_heads(self.qkv(x_BTD).view(B, T, 3 * H, D // H), H)
         dropout = self.attn_dropout if self.training else 0.0
         y_BHTK = attend(q_BHTK, k_BHTK, v_BHTK, mask.to(q_BHTK.dtype), dropout)
         return self.proj(y_BHTK.transpose(1, 2).reshape(B, T, D))  # (B, T, H, K) -> (B, T, D)
@@ -215,8 +215,7 @@ class T5CrossAttention(nn.Module):
         S = encoder_BSD.shape[1]
         H = self.n_heads
         q_BHTK = self.q(x_BTD).view(B, T, H, D // H).transpose(1, 2)
-        kv = self.kv(encoder_BSD).view(B, S, 2, H, D // H)  # (B, S, 2, H, K)
-        k_BHSK, v_BHSK = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, S, K)
+        k_BHSK, v_BHSK = split_heads(self.kv(encoder_BSD).view(B, S, 2 * H, D // H), H)
         dropout = self.attn_dropout if self.training else 0.0
         y_BHTK = attend(q_BHTK, k_BHSK, v_BHSK, mask, dropout)
         return self.proj(y_BHTK.transpose(1, 2).reshape(B, T, D))
