@@ -119,8 +119,10 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     logprob_buffer = None if in_place else x_ND.new_empty(block, V, dtype=softmax_dtype)
     weight_grad_chunk = x_ND.new_empty(weight_VD.shape) if need_weight and low_precision else None
 
-    loss_sum = torch.zeros((), dtype=softmax_dtype, device=x_ND.device)
-    correct = torch.zeros((), dtype=torch.long, device=x_ND.device)
+    # Per row: the target's log-probability and the row's highest; summed once after the loop.
+    target_logprob_N1 = x_ND.new_empty(N, 1, dtype=softmax_dtype)
+    top_logprob_N1 = x_ND.new_empty(N, 1, dtype=softmax_dtype)
+    minus_one_N1 = x_ND.new_full((N, 1), -1.0, dtype=softmax_dtype)
     for start in range(0, N, rows):
         stop = min(N, start + rows)
         x_nD = x_ND[start:stop]
@@ -134,14 +136,13 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             logits_bV = logits_nV[first - start : last - start]
             out = logits_bV if in_place else logprob_buffer[: last - first]
             logprob_bV = torch.log_softmax(logits_bV, dim=-1, dtype=softmax_dtype, out=out)
-            target_b1, scored_b1 = safe_targets_N1[first:last], scored_N[first:last, None]
-            target_logprob_b1 = logprob_bV.gather(1, target_b1)
-            loss_sum -= (target_logprob_b1 * scored_b1).sum()
-            correct += ((target_logprob_b1 >= logprob_bV.amax(1, keepdim=True)) & scored_b1).sum()
+            target_b1 = safe_targets_N1[first:last]
+            torch.gather(logprob_bV, 1, target_b1, out=target_logprob_N1[first:last])
+            torch.amax(logprob_bV, 1, keepdim=True, out=top_logprob_N1[first:last])
             if not any_grad:
                 continue
             grad_bV = logprob_bV.exp_()
-            grad_bV.scatter_add_(1, target_b1, grad_bV.new_full(target_b1.shape, -1.0))
+            grad_bV.scatter_add_(1, target_b1, minus_one_N1[first:last])
             grad_bV.mul_(row_weight_N1[first:last])
             if need_bias:
                 grad_b_V.add_(grad_bV.sum(0))
@@ -158,8 +159,9 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             else:
                 grad_w_VD.add_(torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk))
 
-    loss = loss_sum / n_scored  # nan when nothing is scored, as F.cross_entropy
-    accuracy = correct / n_scored.clamp(min=1)
+    scored_N1 = scored_N.unsqueeze(1)
+    loss = -(target_logprob_N1 * scored_N1).sum() / n_scored  # nan when nothing is scored, as F.cross_entropy
+    accuracy = ((target_logprob_N1 >= top_logprob_N1) & scored_N1).sum() / n_scored.clamp(min=1)
     grads = [
         None if grad_x_ND is None else grad_x_ND.to(features_ND.dtype),
         None if grad_w_VD is None else grad_w_VD.to(weight_VD.dtype),
