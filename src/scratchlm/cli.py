@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Literal
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -106,11 +106,16 @@ class FitCLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="logs")]
         every = config.get("val_check_interval") if isinstance(config.get("val_check_interval"), int) else None
+        given = config.get("callbacks") or []
         kwargs["callbacks"] = [
-            *(config.get("callbacks") or []),
+            *given,
             TokenThroughput(),
             ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=every),
         ]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            # Each refresh reads the bar's metrics (the loss) back from the device, a synchronisation
+            # on a GPU: refresh as often as the loggers write, not every step (Lightning's default).
+            kwargs["callbacks"].append(TQDMProgressBar(refresh_rate=config.get("log_every_n_steps") or 1))
         if config.get("plugins") is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)

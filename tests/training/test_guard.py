@@ -11,6 +11,7 @@ import torch
 
 from scratchlm import PretrainModule, ScratchLMError, TextDataModule, train_tokenizer
 from scratchlm.training import optim
+from scratchlm.training.callbacks import TokenThroughput
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,11 @@ class Poisoned(PretrainModule):
             self.batches += 1
 
 
-def fit(module, tokenizer, root, steps):
+def fit(module, tokenizer, root, steps, callbacks=()):
     data = TextDataModule(tokenizer=tokenizer, block_size=32, batch_size=4, val_fraction=0)
     trainer = L.Trainer(
         max_steps=steps, default_root_dir=root, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=list(callbacks),
     )
     trainer.fit(module, data)
     return trainer
@@ -128,7 +129,17 @@ def without_host_reads(method):
 
 class Watched(Poisoned):
     """Every part of a training step that is ours runs under ``no_host_reads``: the loss, the
-    backward pass, the guard and the AdamW update."""
+    backward pass, the guard and the AdamW update. Nothing logs a Python number either: Lightning
+    would copy it into a new device tensor, and on a GPU that copy waits for the device."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logged = set()
+
+    def log(self, name, value, *args, **kwargs):
+        assert isinstance(value, torch.Tensor), f"{name} logged as a Python {type(value).__name__}"
+        self.logged.add(name)
+        super().log(name, value, *args, **kwargs)
 
     training_step = without_host_reads(Poisoned.training_step)
     backward = without_host_reads(Poisoned.backward)
@@ -147,6 +158,7 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, family):
     with no_host_reads(), pytest.raises(AssertionError, match="read on the host"):
         bool(torch.ones(()))  # the watch itself works
     tokenizer = str(train_tokenizer(None, tmp_path / "tok", vocab_size=300, family=family))
-    module = Watched(tokenizer, family=family, arch=ARCH, poisoned={2})
-    fit(module, tokenizer, tmp_path, steps=5)
+    module = Watched(tokenizer, family=family, arch=ARCH, poisoned={2}, max_bad_steps=2)
+    fit(module, tokenizer, tmp_path, steps=5, callbacks=[TokenThroughput()])
     assert module.skipped_steps == 1
+    assert {"train/loss", "train/lr", "train/tok_s", "train/tflops", "train/skipped_steps"} <= module.logged

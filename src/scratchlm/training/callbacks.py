@@ -13,14 +13,23 @@ BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 the device name; the denominator of ``train/mfu``. Other devices log ``train/tflops`` only."""
 
 
+def host_scalar(value: float) -> torch.Tensor:
+    """A number for ``LightningModule.log`` that stays on the host. Lightning turns a Python number
+    into a tensor on the module's device, and on a GPU that copy waits until all queued work is
+    done (pytorch/pytorch#120996): one full synchronisation per logged number per step. Lightning
+    keeps a metric on its value's device, so a CPU tensor is logged without one."""
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 class TokenThroughput(L.Callback):
     """Logs training tokens per second (``train/tok_s``, also on the progress bar), averaged over a
     window of recent batches so one slow step (a checkpoint, a validation pass) does not dominate,
     and the model FLOP/s they amount to (``train/tflops``; see ``training.flops``), with MFU
     (``train/mfu``) in bf16 on the GPUs in ``BF16_PEAK_FLOPS``.
 
-    Tokens are counted from batch shapes across all ranks, so logging never synchronises with the
-    device; on a GPU the window absorbs the lag between launching work and finishing it.
+    Tokens are counted from batch shapes across all ranks and logged as host tensors, so logging
+    never synchronises with the device; on a GPU the window absorbs the lag between launching work
+    and finishing it.
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -42,12 +51,12 @@ class TokenThroughput(L.Callback):
             return
         (t0, n0), (t1, n1) = self._marks[0], self._marks[-1]
         tokens_per_second = (n1 - n0) / max(t1 - t0, 1e-9)
-        pl_module.log("train/tok_s", tokens_per_second, prog_bar=True)
+        pl_module.log("train/tok_s", host_scalar(tokens_per_second), prog_bar=True)
         if self._flops_per_token:
             flops = tokens_per_second * self._flops_per_token  # all ranks together
-            pl_module.log("train/tflops", flops / 1e12)
+            pl_module.log("train/tflops", host_scalar(flops / 1e12))
             if self._peak:
-                pl_module.log("train/mfu", flops / (self._peak * trainer.world_size))
+                pl_module.log("train/mfu", host_scalar(flops / (self._peak * trainer.world_size)))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._marks.clear()  # validation time is not training time

@@ -15,6 +15,7 @@ from scratchlm.export import check_exportable
 from scratchlm.models import FAMILIES, build_config, build_model
 from scratchlm.objectives import OBJECTIVES, InfillConfig, MaskedLM, MaskingConfig, SpanConfig
 from scratchlm.tokenizer import TokenizerInfo
+from scratchlm.training.callbacks import host_scalar
 from scratchlm.training.guard import NonFiniteGuard
 from scratchlm.training.optim import OptimConfig, build_optimizer
 
@@ -211,7 +212,7 @@ class PretrainModule(L.LightningModule):
         finite = torch.isfinite(loss.detach())
         self._finite_loss = finite if self._finite_loss is None else self._finite_loss & finite
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/lr", host_scalar(self.optimizers().param_groups[0]["lr"]))
         for name, value in metrics.items():
             self.log(f"train/{name}", value)
         return loss
@@ -262,7 +263,7 @@ class PretrainModule(L.LightningModule):
         every = max(1, min(self.trainer.log_every_n_steps, self.max_bad_steps))
         if self.global_step % every == 0 and self.global_step != self._checked_at:
             self._checked_at = self.global_step
-            self.log("train/skipped_steps", float(self.check_nonfinite()))
+            self.log("train/skipped_steps", host_scalar(self.check_nonfinite()))
 
     def on_train_end(self) -> None:
         self.check_nonfinite()
