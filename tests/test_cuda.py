@@ -1,22 +1,26 @@
 """The GPU path: FlexAttention document masks with their backward, the fused loss under bf16
-autocast, and a real ``scratchlm fit`` in bf16 on the GPU.
+autocast, a real ``scratchlm fit`` in bf16 on the GPU, and training steps that never wait for it.
 
 Every test here needs a CUDA device and is skipped without one (as on CI); ``benchmarks/gpu.sh``
 runs them on a GPU machine. What CPU tests already prove (the dense masks, the loss on CPU) is
 the reference each test compares with.
 """
 
+from contextlib import contextmanager
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from scratchlm import train_tokenizer
 from scratchlm.models import build_config, build_model
 from scratchlm.models import layers
 from scratchlm.objectives.cross_entropy import linear_cross_entropy
+from scratchlm.training.callbacks import TokenThroughput
 
 from runs import fit_recipe, mean_next_token_loss, zen_of_python
+from steps import ARCH, Watched, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -89,3 +93,34 @@ def test_fit_trains_on_the_gpu_in_bf16(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     loss = mean_next_token_loss(model, tokenizer, zen_of_python())
     assert loss < math.log(len(tokenizer)) - 1.0, f"held-out loss {loss:.2f} is near a uniform guess"
+
+
+@contextmanager
+def gpu_syncs_refused():
+    """Inside the block, anything that makes the host wait for the GPU raises (CUDA's sync debug
+    mode: ``item``, blocking copies either way, ``nonzero``, explicit synchronisation)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+class GpuWatched(Watched):
+    watch = staticmethod(gpu_syncs_refused)
+    unwatched_steps = 1  # the first step compiles FlexAttention, and compiling synchronises
+
+
+@pytest.mark.parametrize("family, document_masks", [("gpt2", False), ("bert", False), ("llama", True)])
+def test_the_training_step_never_waits_for_the_gpu(tmp_path, family, document_masks):
+    """What ``tests/training/test_guard.py`` proves of Python-level reads on the CPU, on the GPU
+    for every kind of synchronisation: the loss (with FlexAttention for document masks), backward,
+    the non-finite guard with a poisoned batch, and the fused AdamW update, in bf16-mixed."""
+    tokenizer = str(train_tokenizer(None, tmp_path / "tok", vocab_size=300, family=family))
+    module = GpuWatched(
+        tokenizer, family=family, arch=ARCH, poisoned={3}, max_bad_steps=2, document_masks=document_masks
+    )
+    fit(module, tokenizer, tmp_path, steps=6, callbacks=[TokenThroughput()], accelerator="gpu", devices=1,
+        precision="bf16-mixed")
+    assert module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
