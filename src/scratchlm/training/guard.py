@@ -33,4 +33,3 @@ class NonFiniteGuard:
             return 0, 0, 0
         skipped, run, longest = self._counts.tolist()
         return skipped, run, longest
-

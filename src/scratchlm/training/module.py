@@ -223,11 +223,14 @@ class PretrainModule(L.LightningModule):
         answer; any other optimizer gets its grads cleared, and AdamW then leaves each parameter
         and its moments as they were."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        finite = self._finite_loss if self._finite_loss is not None else torch.ones((), dtype=torch.bool, device=self.device)
-        self._finite_loss = None
+        finite, self._finite_loss = self._finite_loss, None
+        if finite is None:
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
         if grads:  # the total norm is not finite when any gradient holds a NaN or an inf
             finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        bad = ~finite
+        # Every rank takes the same decision (a loss can be bad on one rank alone): a collective,
+        # not a host read; the identity on one device.
+        bad = self.trainer.strategy.reduce((~finite).float(), reduce_op="max") > 0
         self.guard.update(bad)
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()
