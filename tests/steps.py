@@ -24,13 +24,26 @@ def nan_gradient(loss, model):
 
 
 class Poisoned(PretrainModule):
-    """Poisons the loss on the chosen (0-based) training batches."""
+    """Poisons the loss on the chosen (0-based) training batches, and records for each of them
+    whether every parameter came out of its step bit for bit as it went in (``untouched``)."""
 
     def __init__(self, *args, poisoned: set[int], poison=nan_loss, **kwargs):
         super().__init__(*args, **kwargs)
         self.poisoned = poisoned
         self.poison = poison
         self.batches = 0
+        self.untouched: list[bool] = []
+        self._before: list[torch.Tensor] | None = None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        poisoned = self.batches in self.poisoned
+        self._before = [p.detach().clone() for p in self.parameters()] if poisoned else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self._before is not None:
+            self.untouched.append(all(torch.equal(a, p) for a, p in zip(self._before, self.parameters())))
 
     def training_step(self, batch, batch_idx):
         original = self.objective.loss

@@ -32,6 +32,7 @@ def test_nonfinite_losses_are_skipped_and_leave_the_weights_alone(tokenizer, tmp
     trainer = fit(module, tokenizer, tmp_path, steps=8)
     assert trainer.optimizers[0].defaults["fused"] == (adamw == "fused")
     assert module.skipped_steps == 3
+    assert module.untouched == [True, True, True]  # weight decay included
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # AdamW counts the updates it applied to each parameter: the poisoned batches made none.
     state = trainer.optimizers[0].state
@@ -52,6 +53,7 @@ def test_nonfinite_gradients_skip_the_update(tokenizer, tmp_path, adamw):
     module = Poisoned(tokenizer, family="gpt2", arch=ARCH, poisoned={1, 2}, poison=nan_gradient)
     trainer = fit(module, tokenizer, tmp_path, steps=6)
     assert module.skipped_steps == 2
+    assert module.untouched == [True, True]
     assert all(torch.isfinite(p).all() for p in module.parameters())
     state = trainer.optimizers[0].state
     assert {int(state[p]["step"]) for p in module.parameters()} == {4}
