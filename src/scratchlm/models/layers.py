@@ -281,6 +281,7 @@ GATE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 """The branch activations of gated MLPs: SiLU (SwiGLU, Llama), exact GELU (GeGLU, ModernBERT)."""
 
 IN_PLACE_ACTIVATIONS = {"silu": torch.ops.aten.silu.out, "gelu": torch.ops.aten.gelu.out}
+"""The same activations as ``out=`` ops, which may write over their input (``_Gated`` does)."""
 
 
 def gated(h_BT2F: torch.Tensor, activation: Literal["silu", "gelu"]) -> torch.Tensor:
