@@ -8,7 +8,8 @@ median tokens/s of each is printed with their ratio and scratchlm's model FLOPs 
 
 Lines starting with ``#`` are comments: the machine, the fixed model config, and for every case a
 loss check (both models hold the same weights, so their first losses must agree: the comparison is
-of one architecture, not two).
+of one architecture, not two) and each side's minor page faults per step (fresh memory the OS
+zero-fills on first touch: on CPU a real part of a step's cost, and of the gap between the two).
 
 What is compared
 ----------------
@@ -308,19 +309,35 @@ def first_losses(ours: Side, hf: Side, dtype: str) -> tuple[float, float]:
         return ours.loss().item(), hf.loss().item()
 
 
-def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tuple[float, float]:
+def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tuple[float, float, tuple[int, int]]:
     """Median tokens/s of (ours, HF): warm-up steps for each, then ``args.rounds`` rounds of
     ``args.steps`` steps, the order alternating (AB, BA, ...) so that neither side always runs in
-    the other's wake (caches, turbo, a neighbour's load)."""
+    the other's wake (caches, turbo, a neighbour's load). Also each side's minor page faults per
+    timed step: memory the OS had to hand out afresh (zero-filled on first touch), a cost on
+    CPU that tokens/s include."""
     for _ in range(args.warmup):
         train_step(ours, dtype)
         train_step(hf, dtype)
     ours_rates, hf_rates = [], []
+    faults = {id(ours): 0, id(hf): 0}
     for round_index in range(args.rounds):
         order = [(ours, ours_rates), (hf, hf_rates)]
         for side, rates in order if round_index % 2 == 0 else reversed(order):
+            before = minor_faults()
             rates.append(timed_round(side, dtype, args.steps, tokens_per_step))
-    return statistics.median(ours_rates), statistics.median(hf_rates)
+            faults[id(side)] += minor_faults() - before
+    steps = args.rounds * args.steps
+    per_step = (faults[id(ours)] // steps, faults[id(hf)] // steps)
+    return statistics.median(ours_rates), statistics.median(hf_rates), per_step
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where the OS does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def gpu_peak_memory_gib() -> float:
@@ -549,9 +566,10 @@ def main(argv: list[str] | None = None) -> None:
             params = sum(p.numel() for p in ours.model.parameters())
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
                   f"head_share={scored:.3f} params={params} load={load_average()}", flush=True)
-            ours_rate, hf_rate = compare(ours, hf, dtype, args, args.batch * args.seq)
+            ours_rate, hf_rate, faults = compare(ours, hf, dtype, args, args.batch * args.seq)
             model_flops = ours_rate * flops_per_token(ours.model, args.seq, scored)
             print(case_line(family, dtype, args.seq, ours_rate, hf_rate, model_flops / peaks[dtype]), flush=True)
+            print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]}", flush=True)
             if spec is not None and dtype == "bf16":
                 print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "
                       f"data-sheet figure for {spec[0]})", flush=True)
