@@ -84,7 +84,9 @@ class PretrainModule(L.LightningModule):
                 supports it; otherwise packed documents see each other, as in GPT-2 and BERT.
             optim: AdamW and learning-rate schedule.
             max_bad_steps: Steps in a row whose loss or gradient norm is not finite that are
-                skipped (and counted in train/skipped_steps) before the run stops with a checkpoint.
+                skipped (and counted in train/skipped_steps) before the run stops with a checkpoint;
+                the count is read from the device every min(log_every_n_steps, max_bad_steps)
+                steps, so the stop comes within as many steps again.
             compile: Compile the model's forward pass with ``torch.compile`` when training starts;
                 where it cannot compile (no C++ compiler, an unsupported op), training goes on
                 uncompiled after one warning.
