@@ -7,7 +7,9 @@
 # Steps: tests (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the
 # fused loss under bf16, a bf16 fit on the GPU), bench (llama-base, ~124M, seq 1024, bf16, eager,
 # against transformers), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
-# training logs, loop and data loader included), compile (bench with both models compiled), docs
+# training logs, loop and data loader included), syncs (the training steps of tests/test_cuda.py run
+# under CUDA's sync debug mode: a failure names the op that makes the host wait), compile (bench
+# with both models compiled), docs
 # (bench with 4 packed documents per block: FlexAttention in ours), families (gpt2 and bert base).
 # The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
 # steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
@@ -22,7 +24,7 @@ PYTHON=${PYTHON:-python3}
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-tests bench fit compile docs families} "
+WANTED=" ${*:-tests bench fit syncs compile docs families} "
 LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16)
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -47,7 +49,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 'transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1
 } | tee "$LOG"
 
-step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
 step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
 export FIT_DIR=$(mktemp -d)
 FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_size 32768 --data.block_size 1024
@@ -55,6 +57,7 @@ FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_s
     --trainer.val_check_interval 1000 --trainer.enable_progress_bar false --trainer.default_root_dir "$FIT_DIR")
 [[ -n ${FIT_CORPUS:-} ]] && FIT+=(--data.paths "$FIT_CORPUS")
 step fit 150 bash -c '"$@" && "$0" benchmarks/fit_speed.py "$FIT_DIR" --skip 20' "$PYTHON" "$PYTHON" "${FIT[@]}"
+step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \
