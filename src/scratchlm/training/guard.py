@@ -12,8 +12,8 @@ import torch
 
 
 class NonFiniteGuard:
-    """Device-side counters of bad steps: how many in all, how many in the current run of bad
-    steps, and the longest such run since training started."""
+    """Device-side counters of bad steps: how many in all, and the longest run of bad steps in a
+    row since training started (the current run is kept to count it)."""
 
     def __init__(self) -> None:
         self._counts: torch.Tensor | None = None  # int64 (skipped, current run, longest run)
@@ -27,9 +27,9 @@ class NonFiniteGuard:
         run = (run + 1) * bad
         self._counts = torch.stack([skipped + bad, run, torch.maximum(longest, run)])
 
-    def read(self) -> tuple[int, int, int]:
-        """(skipped, current run, longest run); waits for the device."""
+    def read(self) -> tuple[int, int]:
+        """(skipped, longest run); waits for the device."""
         if self._counts is None:
-            return 0, 0, 0
-        skipped, run, longest = self._counts.tolist()
-        return skipped, run, longest
+            return 0, 0
+        skipped, _, longest = self._counts.tolist()
+        return skipped, longest

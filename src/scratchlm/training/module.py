@@ -249,7 +249,7 @@ class PretrainModule(L.LightningModule):
     def check_nonfinite(self) -> int:
         """Read the guard's counters (one synchronisation) and stop the run with a checkpoint once
         more than ``max_bad_steps`` steps in a row were bad; returns the steps skipped so far."""
-        skipped, _, longest = self.guard.read()
+        skipped, longest = self.guard.read()
         if longest > self.max_bad_steps:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path)
