@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu.sh                 # everything that fits in $GPU_BUDGET_S seconds (540)
 #   bash benchmarks/gpu.sh bench compile   # only the named steps
 #
-# Steps: tests (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the
-# fused loss under bf16, a bf16 fit on the GPU), bench (llama-base, ~124M, seq 1024, bf16, eager,
-# against transformers), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
+# Steps: bench (llama-base, ~124M, seq 1024, bf16, eager, against transformers), kernels
+# (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against Liger-Kernel's), tests
+# (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the fused loss
+# under bf16, a bf16 fit on the GPU), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
 # training logs, loop and data loader included), syncs (the training steps of tests/test_cuda.py run
 # under CUDA's sync debug mode: a failure names the op that makes the host wait), compile (bench
 # with both models compiled), docs
@@ -17,15 +18,21 @@
 # A step starts only if its time limit fits in what is left of the budget. The log goes to
 # $OUT/gpu.log when OUT is set, else to gpu.log in the current folder. Runs without installing:
 # the package comes from src/ (PYTHONPATH), the machine's own torch and transformers are used.
+# Packages the machine lacks (jsonargparse and its two helpers for the CLI, liger-kernel for the
+# kernels step) travel as wheels in .whl/ (an ignored folder) and go to a scratch site folder.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-tests bench fit syncs compile docs families} "
-LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16)
+WANTED=" ${*:-bench kernels tests syncs fit compile docs families} "
+LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16 --warmup 2 --steps 4)
 
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
@@ -49,15 +56,16 @@ step() {  # step NAME LIMIT_S COMMAND...
 'transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1
 } | tee "$LOG"
 
-step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
 step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
+step kernels 60 "$PYTHON" benchmarks/kernels.py
+step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
+step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 export FIT_DIR=$(mktemp -d)
 FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_size 32768 --data.block_size 1024
     --data.batch_size 16 --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.max_steps 80 --trainer.log_every_n_steps 2
     --trainer.val_check_interval 1000 --trainer.enable_progress_bar false --trainer.default_root_dir "$FIT_DIR")
 [[ -n ${FIT_CORPUS:-} ]] && FIT+=(--data.paths "$FIT_CORPUS")
 step fit 150 bash -c '"$@" && "$0" benchmarks/fit_speed.py "$FIT_DIR" --skip 20' "$PYTHON" "$PYTHON" "${FIT[@]}"
-step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \

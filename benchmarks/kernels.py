@@ -1,0 +1,137 @@
+"""Our GPU hot-path pieces against Liger-Kernel's fused Triton kernels, at llama-base shapes.
+
+Liger-Kernel (``pip install liger-kernel``) ships Triton kernels for RMSNorm, SwiGLU and the
+fused linear cross-entropy. Before any of them goes behind an extra, it must win here, on the
+shapes our training runs: one llama-base batch of 16 × 1024 tokens, width 768, SwiGLU width
+2048, vocabulary 50257, under bf16 autocast as in ``--trainer.precision bf16-mixed``. Each case
+times forward plus backward (CUDA events, median of ``--reps`` after a warm-up) and prints
+
+    kernel=<k> scratchlm_ms=<a> liger_ms=<b> ratio=<b/a> max_abs_diff=<d> [torch_ms=<c>]
+
+where ratio > 1 means ours is faster, and max_abs_diff compares the two results (output and
+input gradient) so that the timings are of the same computation. The inputs are what the model
+feeds each piece under autocast: the residual stream in fp32 into the norms, the fused gate/up
+projection's bf16 output into SwiGLU, the final norm's fp32 output and the fp32 head weight into
+the loss. ``torch_ms`` is PyTorch's own fused op where one exists (``F.rms_norm``). The loss
+cases also print each side's peak memory over the inputs.
+
+    python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
+"""
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.models.layers import RMSNorm, gated
+from scratchlm.objectives.cross_entropy import linear_cross_entropy
+
+
+def time_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def forward_backward(fn, *inputs):
+    """A closure that runs ``fn(*inputs)`` under bf16 autocast and its backward with a fixed
+    upstream gradient, and returns the output and the first input's gradient."""
+    upstream = {}
+
+    def step():
+        for x in inputs:
+            x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(*inputs)
+        if y.dim() == 0:
+            y.backward()
+        else:
+            if "g" not in upstream:
+                upstream["g"] = torch.randn_like(y)
+            y.backward(upstream["g"])
+        return y.detach(), inputs[0].grad
+
+    return step
+
+
+def leaf(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=dtype) * scale).requires_grad_()
+
+
+def report(name, ours, liger, reps, torch_op=None):
+    results = [ours(), liger()]
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(*results))
+    line = f"kernel={name} scratchlm_ms={time_ms(ours, reps):.3f} liger_ms={time_ms(liger, reps):.3f}"
+    ours_ms, liger_ms = (float(part.split("=")[1]) for part in line.split()[1:3])
+    line += f" ratio={liger_ms / ours_ms:.2f} max_abs_diff={diff:.3g}"
+    if torch_op is not None:
+        line += f" torch_ms={time_ms(torch_op, reps):.3f}"
+    print(line, flush=True)
+
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16 * 1024, help="rows: batch × sequence (default 16384)")
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+    import liger_kernel
+
+    torch.manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} liger-kernel {getattr(liger_kernel, '__version__', '?')}")
+    print(f"# rows {args.tokens}, d_model {args.d_model}, d_ff {args.d_ff}, vocab {args.vocab}, bf16 autocast")
+    N, D = args.tokens, args.d_model
+
+    norm = RMSNorm(D, eps=1e-5).cuda()
+    x = leaf(N, D)
+    report(
+        "rmsnorm",
+        forward_backward(norm, x),
+        forward_backward(lambda t: LigerRMSNormFunction.apply(t, norm.weight, norm.eps, 0.0, "llama", False), x),
+        args.reps,
+        torch_op=forward_backward(lambda t: F.rms_norm(t, (D,), norm.weight, norm.eps), x),
+    )
+
+    h = leaf(N, 2 * args.d_ff, dtype=torch.bfloat16)
+    report(
+        "swiglu",
+        forward_backward(lambda t: gated(t, "silu"), h),
+        forward_backward(lambda t: LigerFusedGateUpSiLUMulFunction.apply(t), h),
+        args.reps,
+    )
+
+    features = leaf(N, D)
+    weight = leaf(args.vocab, D, scale=0.02)
+    targets = torch.randint(args.vocab, (N,), device="cuda")
+    ours = forward_backward(lambda f, w: linear_cross_entropy(f, w, None, targets)[0], features, weight)
+    liger = forward_backward(lambda f, w: LigerFusedLinearCrossEntropyFunction.apply(f, w, targets)[0], features, weight)
+    plain = forward_backward(lambda f, w: F.cross_entropy(F.linear(f, w).float(), targets), features, weight)
+    report("linear_cross_entropy", ours, liger, args.reps, torch_op=plain)
+    print(f"# linear_cross_entropy peak MiB: scratchlm {peak_mib(ours):.0f} liger {peak_mib(liger):.0f} plain {peak_mib(plain):.0f}")
+
+
+if __name__ == "__main__":
+    main()
