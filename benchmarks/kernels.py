@@ -19,6 +19,7 @@ cases also print each side's peak memory over the inputs.
 """
 
 import argparse
+from importlib.metadata import version
 import statistics
 
 import torch
@@ -55,8 +56,9 @@ def forward_backward(fn, *inputs):
         if y.dim() == 0:
             y.backward()
         else:
-            if "g" not in upstream:
-                upstream["g"] = torch.randn_like(y)
+            if "g" not in upstream:  # the same for every closure of this shape: comparable gradients
+                generator = torch.Generator(device=y.device).manual_seed(1)
+                upstream["g"] = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
             y.backward(upstream["g"])
         return y.detach(), inputs[0].grad
 
@@ -98,10 +100,8 @@ def main() -> None:
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
-    import liger_kernel
-
     torch.manual_seed(0)
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} liger-kernel {getattr(liger_kernel, '__version__', '?')}")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} liger-kernel {version('liger-kernel')}")
     print(f"# rows {args.tokens}, d_model {args.d_model}, d_ff {args.d_ff}, vocab {args.vocab}, bf16 autocast")
     N, D = args.tokens, args.d_model
 
