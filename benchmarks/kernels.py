@@ -12,8 +12,10 @@ where ratio > 1 means ours is faster, and max_abs_diff compares the two results 
 input gradient) so that the timings are of the same computation. The inputs are what the model
 feeds each piece under autocast: the residual stream in fp32 into the norms, the fused gate/up
 projection's bf16 output into SwiGLU, the final norm's fp32 output and the fp32 head weight into
-the loss. ``torch_ms`` is PyTorch's own fused op where one exists (``F.rms_norm``). The loss
-cases also print each side's peak memory over the inputs.
+the loss. Ours is what runs on the GPU without Liger: ``RMSNorm`` (``F.rms_norm`` there), the
+hand-written SwiGLU (``layers._Gated``; with Liger installed ``layers.gated`` takes Liger's),
+``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of the CPU route, and the plain
+``F.cross_entropy(F.linear(...))``. The loss case also prints each side's peak memory.
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
 """
@@ -25,7 +27,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from scratchlm.models.layers import RMSNorm, gated
+from scratchlm.models.layers import RMSNorm, _Gated, _RMSNorm
 from scratchlm.objectives.cross_entropy import linear_cross_entropy
 
 
@@ -112,13 +114,13 @@ def main() -> None:
         forward_backward(norm, x),
         forward_backward(lambda t: LigerRMSNormFunction.apply(t, norm.weight, norm.eps, 0.0, "llama", False), x),
         args.reps,
-        torch_op=forward_backward(lambda t: F.rms_norm(t, (D,), norm.weight, norm.eps), x),
+        torch_op=forward_backward(lambda t: _RMSNorm.apply(t, norm.weight, norm.eps), x),
     )
 
     h = leaf(N, 2 * args.d_ff, dtype=torch.bfloat16)
     report(
         "swiglu",
-        forward_backward(lambda t: gated(t, "silu"), h),
+        forward_backward(lambda t: _Gated.apply(t, "silu"), h),
         forward_backward(lambda t: LigerFusedGateUpSiLUMulFunction.apply(t), h),
         args.reps,
     )

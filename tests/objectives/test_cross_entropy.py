@@ -53,6 +53,36 @@ def test_gradcheck_in_double():
     )
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("vocab_multiple", [8, 64])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_padded_vocabulary_changes_nothing(bias, vocab_multiple, autocast):
+    """The vocabulary padded for aligned matmuls (as on CUDA): loss, accuracy and every gradient
+    are those of the real vocabulary, also in bf16 and with the padding inside a chunk."""
+    args = inputs(bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+
+        def padded(*a):
+            return linear_cross_entropy(*a, chunk_rows=10, vocab_multiple=vocab_multiple)[0]
+
+        loss, grads = loss_and_grads(padded, *args)
+        loss_ref, grads_ref = loss_and_grads(fused(10), *args)
+        accuracy = linear_cross_entropy(*args, chunk_rows=10, vocab_multiple=vocab_multiple)[1]
+        accuracy_ref = linear_cross_entropy(*args, chunk_rows=10)[1]
+    assert accuracy == accuracy_ref
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_with_a_padded_vocabulary():
+    features, weight, bias_V, targets = inputs(bias=False, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda f, w: linear_cross_entropy(f, w, None, targets, chunk_rows=7, vocab_multiple=64)[0], (features, weight)
+    )
+
+
 def test_without_grad_only_the_loss():
     features, weight, bias_V, targets = inputs(bias=True)
     with torch.no_grad():

@@ -33,6 +33,14 @@ SOFTMAX_BYTES = {"cpu": 2 << 20}
 core's L2 cache, so the elementwise passes stay in it (1 to 4 MB measured alike on two cores; at
 256 KB the per-op overhead shows). Elsewhere a block is the whole chunk."""
 
+VOCAB_MULTIPLE = {"cuda": 64}
+"""The vocabulary is padded to a multiple of this for the matmuls, by device type (1 elsewhere):
+the padded rows of the weight are zeros, and a bias of -inf gives their logits no probability,
+so loss and gradients are those of the real vocabulary. A row stride that is not a multiple of 8
+bf16 values makes cuBLAS fall back to slow kernels: forward and backward of 16384 rows, width 768,
+under bf16 autocast on an H200 took 47 ms with GPT-2's 50257 tokens and 20 ms with 50304
+(``benchmarks/kernels.py``), a training step of llama-base 98 ms against 71 ms."""
+
 MIN_CHUNK_ROWS = {"fp32": 256, "low": 512}
 """The fewest rows a chunk gets, whatever the byte budget says: every chunk also makes one pass
 over the whole V×D weight gradient (its matmul accumulates into it; in bf16 or fp16 an fp32 add
@@ -48,20 +56,26 @@ def linear_cross_entropy(
     bias_V: torch.Tensor | None,
     targets_N: torch.Tensor,
     chunk_rows: int | None = None,
+    vocab_multiple: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.cross_entropy(F.linear(features, weight, bias).float(), targets, ignore_index=-100)``,
     the mean over the scored rows, without materialising the logits; and the accuracy, the
     share of scored rows whose target has the highest logit (no gradient).
 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as the plain
-    route does. ``chunk_rows`` overrides the chunk size (rows of ``features``) for tests."""
+    route does. ``chunk_rows`` overrides the chunk size (rows of ``features``) for tests, and
+    ``vocab_multiple`` the device's ``VOCAB_MULTIPLE``."""
     if features_ND.dim() != 2 or targets_N.shape != features_ND.shape[:1]:
         raise ValueError(f"features (N, D) and targets (N,) expected, got {tuple(features_ND.shape)} and {tuple(targets_N.shape)}")
     device = features_ND.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features_ND.dtype
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(device, weight_VD.shape[0], low_precision=compute_dtype.itemsize < 4)
-    return _LinearCrossEntropy.apply(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows)
+    if vocab_multiple is None:
+        vocab_multiple = VOCAB_MULTIPLE.get(device, 1)
+    return _LinearCrossEntropy.apply(
+        features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, vocab_multiple
+    )
 
 
 def default_chunk_rows(device: str, vocab_size: int, low_precision: bool) -> int:
@@ -73,10 +87,12 @@ def default_chunk_rows(device: str, vocab_size: int, low_precision: bool) -> int
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows):
+    def forward(ctx, features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, vocab_multiple):
         wants_grad = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_V is not None and ctx.needs_input_grad[2]]
         with torch.autocast(features_ND.device.type, enabled=False):
-            loss, accuracy, grads = _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, wants_grad)
+            loss, accuracy, grads = _chunked(
+                features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, vocab_multiple, wants_grad
+            )
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
         ctx.has_grad = [g is not None for g in grads]
         ctx.mark_non_differentiable(accuracy)
@@ -85,12 +101,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy):
         grads = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
-def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, wants_grad):
+def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_rows, vocab_multiple, wants_grad):
     """(mean loss, accuracy, [grad of features, weight, bias or None each]) for the loss's gradient 1."""
-    N, V = features_ND.shape[0], weight_VD.shape[0]
+    N, (V_real, D) = features_ND.shape[0], weight_VD.shape
+    V = -(-V_real // vocab_multiple) * vocab_multiple
     scored_N = targets_N != IGNORE_INDEX
     n_scored = scored_N.sum()
     # d(mean loss)/d(logit) = (softmax - onehot) / n_scored on scored rows, 0 on the others.
@@ -99,12 +116,18 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     safe_targets_N1 = targets_N.masked_fill(~scored_N, 0).unsqueeze(1)
 
     x_ND = features_ND.to(compute_dtype)
-    w_VD = weight_VD.to(compute_dtype)
-    b_V = None if bias_V is None else bias_V.to(compute_dtype)
+    if V == V_real:
+        w_VD = weight_VD.to(compute_dtype)
+        b_V = None if bias_V is None else bias_V.to(compute_dtype)
+    else:  # zero rows with a bias of -inf: no probability, no gradient (see VOCAB_MULTIPLE)
+        w_VD = x_ND.new_zeros(V, D)
+        w_VD[:V_real] = weight_VD
+        b_V = x_ND.new_full((V,), float("-inf"))
+        b_V[:V_real] = 0.0 if bias_V is None else bias_V
     need_features, need_weight, need_bias = wants_grad
     any_grad = need_features or need_weight or need_bias
     grad_x_ND = torch.empty_like(x_ND) if need_features else None
-    grad_w_VD = torch.zeros(weight_VD.shape, dtype=softmax_dtype, device=weight_VD.device) if need_weight else None
+    grad_w_VD = torch.zeros(V, D, dtype=softmax_dtype, device=weight_VD.device) if need_weight else None
     grad_b_V = torch.zeros(V, dtype=softmax_dtype, device=weight_VD.device) if need_bias else None
 
     rows = max(1, min(chunk_rows, N))
@@ -117,7 +140,7 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     low_precision = compute_dtype != softmax_dtype
     in_place = not low_precision and x_ND.device.type == "cpu"
     logprob_buffer = None if in_place else x_ND.new_empty(block, V, dtype=softmax_dtype)
-    weight_grad_chunk = x_ND.new_empty(weight_VD.shape) if need_weight and low_precision else None
+    weight_grad_chunk = x_ND.new_empty(V, D) if need_weight and low_precision else None
 
     # Per row: the target's log-probability and the row's highest; summed once after the loop.
     target_logprob_N1 = x_ND.new_empty(N, 1, dtype=softmax_dtype)
@@ -164,8 +187,8 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     accuracy = ((target_logprob_N1 >= top_logprob_N1) & scored_N1).sum() / n_scored.clamp(min=1)
     grads = [
         None if grad_x_ND is None else grad_x_ND.to(features_ND.dtype),
-        None if grad_w_VD is None else grad_w_VD.to(weight_VD.dtype),
-        None if grad_b_V is None else grad_b_V.to(bias_V.dtype),
+        None if grad_w_VD is None else grad_w_VD[:V_real].to(weight_VD.dtype),
+        None if grad_b_V is None else grad_b_V[:V_real].to(bias_V.dtype),
     ]
     return loss, accuracy, grads
 
