@@ -191,12 +191,6 @@ def attend(
                 if _flex_state["compiled"] is None:
                     _flex_state["compiled"] = torch.compile(flex_attention, dynamic=False)
                 flex = _flex_state["compiled"]
-                # Views of one fused projection's output (q, k and v of gpt2 and bert) came out
-                # wrong from compiled FlexAttention (torch 2.11, H200: the output differed from
-                # the dense mask's by up to 4; fresh q and k with v a view, as llama's, were right,
-                # and so was the same call on inputs that need no gradient). Separate copies cost
-                # three passes over q, k and v.
-                q_BHTK, k_BGTK, v_BGTK = (t.contiguous() for t in (q_BHTK, k_BGTK, v_BGTK))
                 return flex(q_BHTK, k_BGTK, v_BGTK, block_mask=mask.block_mask(), enable_gqa=enable_gqa)
             except Exception as error:  # noqa: BLE001  (any compiler or kernel failure)
                 _flex_state["failed"] = True
@@ -312,7 +306,8 @@ def gated(h_BT2F: torch.Tensor, activation: Literal["silu", "gelu"]) -> torch.Te
         a, b = h_BT2F.chunk(2, dim=-1)
         return GATE_ACTIVATIONS[activation](a) * b
     if activation == "silu" and h_BT2F.is_cuda and (liger_swiglu := _liger_swiglu()) is not None:
-        return liger_swiglu.apply(h_BT2F)
+        # 2-D in and out: its backward returns the gradient flattened to rows.
+        return liger_swiglu.apply(h_BT2F.reshape(-1, h_BT2F.shape[-1])).view(*h_BT2F.shape[:-1], -1)
     return _Gated.apply(h_BT2F, activation)
 
 
