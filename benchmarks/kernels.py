@@ -99,6 +99,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (Liger-Kernel's kernels are Triton kernels for GPUs)")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        parser.error('needs liger-kernel: pip install -e ".[gpu]"')
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
