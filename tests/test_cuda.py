@@ -37,6 +37,9 @@ def test_flex_document_masks_match_the_dense_mask_forward_and_backward(family, m
     """On CUDA, document masks go through compiled FlexAttention; its outputs and every weight's
     gradient match the dense boolean mask through SDPA."""
     monkeypatch.setitem(layers._flex_state, "failed", False)
+    compiled = layers._flex_state["compiled"] or torch.compile(layers.flex_attention, dynamic=False)
+    calls = []
+    monkeypatch.setitem(layers._flex_state, "compiled", lambda *a, **k: calls.append(1) or compiled(*a, **k))
     torch.manual_seed(0)
     # No dropout: attention with dropout takes dense SDPA, and the test would compare two draws.
     arch = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_ff": 256, "dropout": 0.0}
@@ -55,6 +58,7 @@ def test_flex_document_masks_match_the_dense_mask_forward_and_backward(family, m
     assert isinstance(layers.build_attention_mask(None, causal=True, doc_ids=doc_ids, flex=True), layers.FlexMask)
     flex_out, flex_grads = outputs_and_grads()
     assert not layers._flex_state["failed"], "FlexAttention fell back to the dense mask"
+    assert len(calls) == arch["n_layers"], f"{len(calls)} of {arch['n_layers']} layers went through FlexAttention"
     monkeypatch.setattr(layers, "FLEX_DEVICES", set())
     dense_out, dense_grads = outputs_and_grads()
     torch.testing.assert_close(flex_out[real], dense_out[real], atol=2e-5, rtol=2e-5)
