@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from scratchlm import train_tokenizer
 from scratchlm.models import build_config, build_model
+from scratchlm.kernels import liger
 from scratchlm.models import layers
 from scratchlm.objectives.cross_entropy import linear_cross_entropy
 from scratchlm.training.callbacks import TokenThroughput
@@ -89,7 +90,7 @@ def test_liger_swiglu_matches_the_hand_written_one():
     """With Liger-Kernel installed (the ``gpu`` extra), SwiGLU on CUDA runs its Triton kernel, and
     its output and gradient match the hand-written route's (bf16: within rounding)."""
     pytest.importorskip("liger_kernel")
-    assert layers._liger_swiglu() is not None
+    assert liger.swiglu_kernel(torch.device("cuda")) is not None
     generator = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(4, 256, 2 * 96, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
     upstream = torch.randn(4, 256, 96, device="cuda", dtype=torch.bfloat16, generator=generator)

@@ -99,6 +99,45 @@ def test_gated_activation_matches_the_formula(activation, dtype):
         assert torch.autograd.gradcheck(lambda x: gated(x, activation), (h64,))
 
 
+def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):
+    """``kernels.liger``: the kernel is offered for CUDA devices alone (so CPU training never takes
+    it), and gets its input as 2-D rows and gives the output back in the input's shape (Liger's
+    backward returns the gradient flattened to rows). A stand-in plays Liger, which needs a GPU."""
+    from scratchlm.kernels import liger
+
+    seen = []
+
+    class FakeLiger(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            seen.append(tuple(h.shape))
+            ctx.save_for_backward(h)
+            a, b = h.chunk(2, dim=-1)
+            return torch.nn.functional.silu(a) * b
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            (h,) = ctx.saved_tensors
+            with torch.enable_grad():
+                h = h.detach().requires_grad_()
+                a, b = h.chunk(2, dim=-1)
+                (grad,) = torch.autograd.grad(torch.nn.functional.silu(a) * b, h, grad_y)
+            return grad.reshape(-1, h.shape[-1])
+
+    monkeypatch.setattr(liger, "_swiglu_function", lambda: FakeLiger)
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    assert liger.swiglu_kernel(torch.device("cpu")) is None
+    gated(h, "silu")
+    assert seen == []
+    kernel = liger.swiglu_kernel(torch.device("cuda"))
+    y = kernel(h)
+    assert seen == [(10, 12)] and y.shape == (2, 5, 6)
+    y.sum().backward()
+    a, b = h.detach().chunk(2, dim=-1)
+    torch.testing.assert_close(y, torch.nn.functional.silu(a) * b)
+    assert h.grad.shape == h.shape
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_short_bf16_attention_on_cpu_computes_in_fp32(autocast):
     """Below CPU_BF16_MIN_QUERIES queries, bf16 attention is the fp32 computation rounded once

@@ -10,7 +10,6 @@ Shape legend (used in comments and name suffixes across ``models/``):
 """
 
 from dataclasses import dataclass, field
-import functools
 from typing import Literal
 import warnings
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.kernels import liger
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -299,26 +299,13 @@ def gated(h_BT2F: torch.Tensor, activation: Literal["silu", "gelu"]) -> torch.Te
     Through autograd the chunk's backward concatenates the two halves' gradients into a fresh
     (..., 2F) tensor, one more pass over it; here the backward writes each half's gradient into
     its place of one buffer. Under ``torch.compile`` the plain formula runs (the compiler fuses it).
-    SwiGLU on CUDA runs Liger-Kernel's fused Triton kernel when it is installed (the ``gpu``
-    extra): one pass each way, forward and backward of (16384, 2·2048) bf16 on an H200 in
-    0.21-0.33 ms against 0.55 ms here (``benchmarks/kernels.py``)."""
+    SwiGLU on CUDA runs Liger-Kernel's fused kernel when it is installed (``kernels.liger``)."""
     if torch.compiler.is_compiling():
         a, b = h_BT2F.chunk(2, dim=-1)
         return GATE_ACTIVATIONS[activation](a) * b
-    if activation == "silu" and h_BT2F.is_cuda and (liger_swiglu := _liger_swiglu()) is not None:
-        # 2-D in and out: its backward returns the gradient flattened to rows.
-        return liger_swiglu.apply(h_BT2F.reshape(-1, h_BT2F.shape[-1])).view(*h_BT2F.shape[:-1], -1)
+    if activation == "silu" and (kernel := liger.swiglu_kernel(h_BT2F.device)) is not None:
+        return kernel(h_BT2F)
     return _Gated.apply(h_BT2F, activation)
-
-
-@functools.cache
-def _liger_swiglu():
-    """Liger-Kernel's SwiGLU over one (..., 2F) tensor holding both halves, or None without it."""
-    try:
-        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
-    except ImportError:
-        return None
-    return LigerFusedGateUpSiLUMulFunction
 
 
 class _Gated(torch.autograd.Function):
