@@ -13,10 +13,10 @@ input gradient) so that the timings are of the same computation. The inputs are 
 feeds each piece under autocast: the residual stream in fp32 into the norms, the fused gate/up
 projection's bf16 output into SwiGLU, the final norm's fp32 output and the fp32 head weight into
 the loss. Ours is what runs on the GPU without Liger: ``RMSNorm`` (``F.rms_norm`` there), the
-hand-written SwiGLU (``layers._Gated``; with Liger installed ``layers.gated`` takes Liger's through
-``kernels.liger``),
-``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of the CPU route, and the plain
-``F.cross_entropy(F.linear(...))``. The loss case also prints each side's peak memory.
+hand-written SwiGLU (``layers._Gated``; with Liger installed, ``layers.gated`` takes Liger's
+through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of
+the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
+side's peak memory.
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
 """
