@@ -16,7 +16,9 @@ the loss. Ours is what runs on the GPU without Liger: ``RMSNorm`` (``F.rms_norm`
 hand-written SwiGLU (``layers._Gated``; with Liger installed, ``layers.gated`` takes Liger's
 through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of
 the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
-side's peak memory.
+side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
+(softmax, loss terms, the logits' gradient), eager as it runs against one ``torch.compile``d
+expression (``ratio`` = eager / compiled), a candidate for the GPU route of the loss.
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
 """
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from scratchlm.kernels import liger
 from scratchlm.models.layers import RMSNorm, _Gated, _RMSNorm
-from scratchlm.objectives.cross_entropy import linear_cross_entropy
+from scratchlm.objectives.cross_entropy import VOCAB_MULTIPLE, default_chunk_rows, linear_cross_entropy
 
 
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -92,6 +94,50 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def chunk_passes(logits_nV, targets_n1, row_weight_n1):
+    """One chunk of ``objectives.cross_entropy`` after its logits matmul, as it runs on a GPU
+    (one softmax block per chunk): log-softmax into an fp32 buffer, the target's and the top
+    log-probability, then softmax minus one-hot, scaled, written back over the bf16 logits."""
+    logprob = torch.log_softmax(logits_nV, dim=-1, dtype=torch.float32)
+    target, top = logprob.gather(1, targets_n1), logprob.amax(1, keepdim=True)
+    grad = logprob.exp_()
+    grad.scatter_add_(1, targets_n1, torch.full_like(target, -1.0))
+    logits_nV.copy_(grad.mul_(row_weight_n1))
+    return target, top
+
+
+def chunk_fused(logits_nV, targets_n1, row_weight_n1):
+    """The same as one expression, for ``torch.compile`` to fuse into a reduction and a
+    pointwise pass over the bf16 logits (no fp32 copy of the chunk)."""
+    logits = logits_nV.float()
+    top = logits.amax(1, keepdim=True)
+    lse = (logits - top).exp().sum(1, keepdim=True).log() + top
+    onehot = torch.arange(logits.shape[1], device=logits.device) == targets_n1
+    logits_nV.copy_(((logits - lse).exp() - onehot.float()) * row_weight_n1)
+    return logits.gather(1, targets_n1) - lse, top - lse
+
+
+def compare_chunk(rows: int, vocab: int, reps: int) -> None:
+    """The elementwise part of one loss chunk, eager as the library runs it against compiled:
+    a candidate for ``objectives.cross_entropy`` on GPUs, where the eager passes are memory-bound."""
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    logits = torch.randn(rows, vocab, device="cuda", generator=generator).to(torch.bfloat16)
+    targets = torch.randint(vocab, (rows, 1), device="cuda", generator=generator)
+    weights = torch.full((rows, 1), 1.0 / rows, device="cuda")
+    compiled = torch.compile(chunk_fused, dynamic=True)
+    results = []
+    for fn in (chunk_passes, compiled):
+        buffer = logits.clone()
+        target, top = fn(buffer, targets, weights)
+        results.append((buffer.float(), target, top))
+    diff = max((a - b).abs().max().item() for a, b in zip(*results))
+    eager_ms = time_ms(lambda: chunk_passes(logits.clone(), targets, weights), reps)
+    compiled_ms = time_ms(lambda: compiled(logits.clone(), targets, weights), reps)
+    clone_ms = time_ms(lambda: logits.clone(), reps)
+    print(f"kernel=loss_chunk rows={rows} vocab={vocab} eager_ms={eager_ms:.3f} compiled_ms={compiled_ms:.3f} "
+          f"ratio={eager_ms / compiled_ms:.2f} max_abs_diff={diff:.3g} clone_ms={clone_ms:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16 * 1024, help="rows: batch × sequence (default 16384)")
@@ -139,6 +185,8 @@ def main() -> None:
     plain = forward_backward(lambda f, w: F.cross_entropy(F.linear(f, w).float(), targets), features, weight)
     report("linear_cross_entropy", ours, theirs, args.reps, torch_op=plain)
     print(f"# linear_cross_entropy peak MiB: scratchlm {peak_mib(ours):.0f} liger {peak_mib(theirs):.0f} plain {peak_mib(plain):.0f}")
+    padded_vocab = -(-args.vocab // VOCAB_MULTIPLE["cuda"]) * VOCAB_MULTIPLE["cuda"]
+    compare_chunk(default_chunk_rows("cuda", padded_vocab, low_precision=True), padded_vocab, args.reps)
 
 
 if __name__ == "__main__":
