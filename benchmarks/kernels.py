@@ -18,7 +18,9 @@ through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-wri
 the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
 side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
 (softmax, loss terms, the logits' gradient), eager as it runs against one ``torch.compile``d
-expression (``ratio`` = eager / compiled), a candidate for the GPU route of the loss.
+expression (``ratio`` = eager / compiled), a candidate for the GPU route of the loss; and
+``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
+compiled (``layers.FlexMask`` compiles it on GPUs).
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
 """
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.kernels import liger
-from scratchlm.models.layers import RMSNorm, _Gated, _RMSNorm
+from scratchlm.models.layers import FlexMask, RMSNorm, _Gated, _RMSNorm
 from scratchlm.objectives.cross_entropy import VOCAB_MULTIPLE, default_chunk_rows, linear_cross_entropy
 
 
@@ -138,6 +140,19 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
           f"ratio={eager_ms / compiled_ms:.2f} max_abs_diff={diff:.3g} clone_ms={clone_ms:.3f}", flush=True)
 
 
+def compare_block_mask(batch: int, seq: int, reps: int) -> None:
+    """FlexAttention's document mask for a packed batch (4 documents a block), built eagerly
+    against through ``torch.compile`` (what ``layers.FlexMask`` does on GPUs)."""
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    cuts = torch.sort(torch.randint(1, seq, (batch, 3), device="cuda", generator=generator), dim=1).values
+    doc_ids = (torch.arange(seq, device="cuda")[None, :, None] >= cuts[:, None, :]).sum(-1)
+    mask = FlexMask(None, doc_ids, causal=True)
+    eager_ms = time_ms(lambda: mask._build_block_mask(compiled=False), reps)
+    compiled_ms = time_ms(lambda: mask._build_block_mask(compiled=True), reps)
+    print(f"kernel=block_mask batch={batch} seq={seq} eager_ms={eager_ms:.3f} compiled_ms={compiled_ms:.3f} "
+          f"ratio={eager_ms / compiled_ms:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16 * 1024, help="rows: batch × sequence (default 16384)")
@@ -187,6 +202,7 @@ def main() -> None:
     print(f"# linear_cross_entropy peak MiB: scratchlm {peak_mib(ours):.0f} liger {peak_mib(theirs):.0f} plain {peak_mib(plain):.0f}")
     padded_vocab = -(-args.vocab // VOCAB_MULTIPLE["cuda"]) * VOCAB_MULTIPLE["cuda"]
     compare_chunk(default_chunk_rows("cuda", padded_vocab, low_precision=True), padded_vocab, args.reps)
+    compare_block_mask(args.tokens // 1024, 1024, args.reps)
 
 
 if __name__ == "__main__":

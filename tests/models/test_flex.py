@@ -84,3 +84,21 @@ def test_every_layer_of_a_forward_shares_one_block_mask(flex_on_cpu, monkeypatch
     with torch.no_grad():
         model(ids, doc_ids=doc_ids)
     assert len(built) == 2  # a new batch, a new mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_compiled_block_mask_is_the_eager_one(causal):
+    """On GPUs the block mask is built through torch.compile: for new batches (no recompiling in
+    between, as every training step brings one) it equals the eager build, block for block."""
+    if layers.flex_attention is None:
+        pytest.skip("this PyTorch has no FlexAttention")
+    generator = torch.Generator().manual_seed(0)
+    B, T = 3, 384  # three key/query blocks of 128
+    for _ in range(2):
+        cuts = torch.sort(torch.randint(1, T, (B, 3), generator=generator), dim=1).values
+        doc_ids = (torch.arange(T)[None, :, None] >= cuts[:, None, :]).sum(-1)
+        doc_ids[0, -50:] = -1  # padding
+        mask = layers.FlexMask(None, doc_ids, causal)
+        compiled, eager = mask._build_block_mask(compiled=True), mask._build_block_mask(compiled=False)
+        for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+            assert torch.equal(getattr(compiled, field), getattr(eager, field)), field
