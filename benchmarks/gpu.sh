@@ -57,7 +57,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 } | tee "$LOG"
 
 step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
-step kernels 60 "$PYTHON" benchmarks/kernels.py
+step kernels 90 "$PYTHON" benchmarks/kernels.py
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
 step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 export FIT_DIR=$(mktemp -d)
