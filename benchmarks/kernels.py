@@ -201,7 +201,8 @@ def main() -> None:
     report("linear_cross_entropy", ours, theirs, args.reps, torch_op=plain)
     print(f"# linear_cross_entropy peak MiB: scratchlm {peak_mib(ours):.0f} liger {peak_mib(theirs):.0f} plain {peak_mib(plain):.0f}")
     padded_vocab = -(-args.vocab // VOCAB_MULTIPLE["cuda"]) * VOCAB_MULTIPLE["cuda"]
-    compare_chunk(default_chunk_rows("cuda", padded_vocab, low_precision=True), padded_vocab, args.reps)
+    # The chunk the library takes: rows from the real vocabulary, width padded.
+    compare_chunk(default_chunk_rows("cuda", args.vocab, low_precision=True), padded_vocab, args.reps)
     compare_block_mask(args.tokens // 1024, 1024, args.reps)
 
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm import train_tokenizer
-from scratchlm.models import build_config, build_model
 from scratchlm.kernels import liger
+from scratchlm.models import build_config, build_model
 from scratchlm.models import layers
 from scratchlm.objectives.cross_entropy import linear_cross_entropy
 from scratchlm.training.callbacks import TokenThroughput
