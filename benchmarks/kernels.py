@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from scratchlm.kernels import liger
 from scratchlm.models.layers import FlexMask, RMSNorm, _Gated, _RMSNorm
-from scratchlm.objectives.cross_entropy import VOCAB_MULTIPLE, default_chunk_rows, linear_cross_entropy
+from scratchlm.objectives.cross_entropy import VOCAB_MULTIPLE, default_chunk_rows, linear_cross_entropy, softmax_block
 
 
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -97,15 +97,15 @@ def peak_mib(fn) -> float:
 
 
 def chunk_passes(logits_nV, targets_n1, row_weight_n1):
-    """One chunk of ``objectives.cross_entropy`` after its logits matmul, as it runs on a GPU
-    (one softmax block per chunk): log-softmax into an fp32 buffer, the target's and the top
-    log-probability, then softmax minus one-hot, scaled, written back over the bf16 logits."""
-    logprob = torch.log_softmax(logits_nV, dim=-1, dtype=torch.float32)
-    target, top = logprob.gather(1, targets_n1), logprob.amax(1, keepdim=True)
-    grad = logprob.exp_()
-    grad.scatter_add_(1, targets_n1, torch.full_like(target, -1.0))
-    logits_nV.copy_(grad.mul_(row_weight_n1))
-    return target, top
+    """One chunk of ``objectives.cross_entropy`` after its logits matmul, as it runs on a GPU (one
+    softmax block per chunk): ``softmax_block`` through an fp32 buffer, its gradient written back
+    over the bf16 logits; returns the target's and the top log-probability."""
+    shifted_target = logits_nV.new_empty(logits_nV.shape[0], 1, dtype=torch.float32)
+    sum_exp = torch.empty_like(shifted_target)
+    work = torch.empty(logits_nV.shape, dtype=torch.float32, device=logits_nV.device)
+    softmax_block(logits_nV, work, targets_n1, row_weight_n1, shifted_target, sum_exp)
+    log_sum_exp = sum_exp.log_()
+    return shifted_target - log_sum_exp, -log_sum_exp
 
 
 def chunk_fused(logits_nV, targets_n1, row_weight_n1):
