@@ -18,7 +18,9 @@ What is compared
   SwiGLU and modernbert's GeGLU: ~8/3·d_model, which costs what a 4·d_model GELU MLP costs;
   Shazeer 2020, §2), llama with n_kv_heads = 4 (plain multi-head attention), modernbert with its
   default local window of 128. Dropout is 0.0 in both models, so no dropout kernel runs in either
-  and the losses can be compared.
+  and the losses can be compared; ``--dropout P`` sets it in both (every dropout the config has:
+  embeddings, attention probabilities, sublayer outputs), as the GPT-2 and BERT presets train
+  (0.1), and the first losses then differ by the masks drawn.
 - The HF model: ``TARGETS[family].hf_class`` built from ``TARGETS[family].hf_config(config,
   special_ids)`` (the export's own config, so the architecture is identical) with
   ``attn_implementation="sdpa"``, in train mode, loaded with our initial weights. ``use_cache`` is
@@ -218,20 +220,22 @@ def build_sides(
     preset: str = "bench",
     vocab: int = VOCAB,
     docs: int = 1,
+    dropout: float = 0.0,
 ) -> tuple[Side, Side, float]:
     """(scratchlm side, HF side, share of positions our head runs on) for one family, on ``device``.
 
     ``preset`` "bench" is the fixed benchmark config (module docstring); any other is the family's
-    named size (``tiny``, ``small``, ``base``) with ``vocab`` and dropout 0.0."""
+    named size (``tiny``, ``small``, ``base``) with ``vocab``; ``dropout`` in either."""
     torch.manual_seed(seed)
     spec = FAMILIES[family]
     if preset == "bench":
         config = build_config(
-            family, "tiny", vocab_size=vocab, max_positions=max(512, seq), **SHARED_ARCH, **FAMILY_ARCH[family]
+            family, "tiny", vocab_size=vocab, max_positions=max(512, seq),
+            **{**SHARED_ARCH, "dropout": dropout}, **FAMILY_ARCH[family],
         )
     else:
         max_positions = max(spec.presets[preset].get("max_positions", seq), seq)
-        config = build_config(family, preset, vocab_size=vocab, dropout=0.0, max_positions=max_positions)
+        config = build_config(family, preset, vocab_size=vocab, dropout=dropout, max_positions=max_positions)
     ours = build_model(family, config).train()
     info = tokenizer_info(family, vocab)
     objective = MaskedLM(info) if spec.objective == "mlm" else CausalLM(info, document_masks=docs > 1)
@@ -443,12 +447,12 @@ def header(args, peaks: dict[str, float]) -> list[str]:
     if args.device == "cuda":
         gpu = f"gpu={torch.cuda.get_device_name()!r} cuda={torch.version.cuda} "
     if args.preset == "bench":
-        arch = ", ".join(f"{k}={v}" for k, v in SHARED_ARCH.items())
+        arch = ", ".join(f"{k}={v}" for k, v in {**SHARED_ARCH, "dropout": args.dropout}.items())
         model = (
             f"vocab={args.vocab}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), llama n_kv_heads=4"
         )
     else:
-        model = f"each family's {args.preset!r} preset, vocab={args.vocab}, dropout=0.0"
+        model = f"each family's {args.preset!r} preset, vocab={args.vocab}, dropout={args.dropout}"
     docs = f"; {args.docs} documents per block (document masks)" if args.docs > 1 else ""
     return [
         f"# cpu={cpu_model()!r} cores={cores} {gpu}torch={torch.__version__} "
@@ -456,7 +460,7 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"{peak_text} (matmul {args.peak_size}x{args.peak_size}, best of 5)",
         f"# load_average_1_5_15={load_average()}",
         f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
-        f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout 0.0 in both",
+        f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout {args.dropout} in both",
         f"# compiled: {COMPILED[args.compile]}",
     ]
 
@@ -498,7 +502,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--preset", default="bench",
         help="model size: 'bench', the fixed config of the module docstring (default), or a preset "
-        "every chosen family has (tiny, small, base), with --vocab and dropout 0.0",
+        "every chosen family has (tiny, small, base), with --vocab",
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.0,
+        help="dropout in both models, every place the config has one (default 0.0; the GPT-2 and BERT presets train with 0.1)",
     )
     parser.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary size (default {VOCAB})")
     parser.add_argument(
@@ -524,6 +532,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("seq", "batch", "steps", "rounds", "peak_size", "vocab", "docs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout {args.dropout}: must be at least 0 and below 1")
     if args.docs > args.seq:
         parser.error(f"--docs {args.docs}: more documents than positions in a block (--seq {args.seq})")
     if args.docs > 1:
@@ -560,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in args.dtype:
             ours, hf, scored = build_sides(
                 family, args.batch, args.seq, args.seed, args.compile,
-                device=args.device, preset=args.preset, vocab=args.vocab, docs=args.docs,
+                device=args.device, preset=args.preset, vocab=args.vocab, docs=args.docs, dropout=args.dropout,
             )
             loss_ours, loss_hf = first_losses(ours, hf, dtype)
             params = sum(p.numel() for p in ours.model.parameters())
