@@ -19,6 +19,7 @@ from torch import nn
 
 from scratchlm.models.layers import (
     MLP,
+    Dropout,
     PostNormEncoderBlock,
     SelfAttention,
     build_attention_mask,
@@ -77,7 +78,7 @@ class BartEmbeddings(nn.Module):
         super().__init__()
         self.pos_emb = nn.Embedding(config.max_positions, config.d_model)
         self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, tokens_BTD: torch.Tensor) -> torch.Tensor:
         positions_T = torch.arange(tokens_BTD.shape[1], device=tokens_BTD.device)  # no buffer: DDP
@@ -98,7 +99,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.proj = nn.Linear(d_model, d_model)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor, memory_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, D) queries, memory (B, S, D) encoder output, mask (B, 1, 1, S) bool -> (B, T, D)."""

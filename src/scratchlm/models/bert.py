@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.models.layers import (
+    Dropout,
     PostNormEncoderBlock,
     build_attention_mask,
     check_length,
@@ -65,7 +66,7 @@ class BertEmbeddings(nn.Module):
         self.pos_emb = nn.Embedding(config.max_positions, config.d_model)
         self.type_emb = nn.Embedding(config.type_vocab_size, config.d_model)
         self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids_BT: torch.Tensor, token_type_ids_BT: torch.Tensor | None) -> torch.Tensor:
         T = input_ids_BT.shape[1]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.models.layers import (
+    Dropout,
     MLP,
     SelfAttention,
     build_attention_mask,
@@ -87,7 +88,7 @@ class GPT2(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_positions, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.init_weights()

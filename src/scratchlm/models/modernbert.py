@@ -30,6 +30,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
+    Dropout,
     apply_rope,
     build_attention_mask,
     check_length,
@@ -133,7 +134,7 @@ class RotaryAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -187,7 +188,7 @@ class GeGLU(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.proj(self.dropout(gated(self.fc(x_BTD), "gelu")))  # gelu(a) * gate
@@ -271,7 +272,7 @@ class ModernBert(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.emb_norm = layer_norm(config)
-        self.emb_dropout = nn.Dropout(config.dropout)
+        self.emb_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(ModernBertBlock(config, i, self.is_causal) for i in range(config.n_layers))
         self.final_norm = layer_norm(config)
         self.head = ModernBertHead(config)

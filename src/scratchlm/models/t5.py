@@ -22,6 +22,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
+    Dropout,
     build_attention_mask,
     check_length,
     check_positive_int,
@@ -230,7 +231,7 @@ class GatedGELU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         gate_BTF, up_BTF = self.gate_up(x_BTD).chunk(2, dim=-1)
@@ -246,7 +247,7 @@ class EncoderBlock(nn.Module):
         self.attn = T5SelfAttention(config)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = GatedGELU(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BSD: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.dropout(self.attn(self.attn_norm(x_BSD), mask))
@@ -264,7 +265,7 @@ class DecoderBlock(nn.Module):
         self.cross = T5CrossAttention(config)
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = GatedGELU(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self, x_BTD: torch.Tensor, self_mask: torch.Tensor, encoder_BSD: torch.Tensor, cross_mask: torch.Tensor
@@ -282,7 +283,7 @@ class Encoder(nn.Module):
         self.position_bias = RelativePositionBias(config, bidirectional=True)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BSD: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         S = x_BSD.shape[1]
@@ -302,7 +303,7 @@ class Decoder(nn.Module):
         self.position_bias = RelativePositionBias(config, bidirectional=False)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
