@@ -102,8 +102,8 @@ from scratchlm.tokenizer import STYLE_OF_FAMILY, TokenizerInfo
 VOCAB = 8192
 """Vocabulary of every benchmarked model."""
 
-SHARED_ARCH = dict(d_model=256, n_layers=4, n_heads=4, dropout=0.0)
-"""Config fields every family gets (dropout 0.0 in both models: a clean comparison)."""
+SHARED_ARCH = dict(d_model=256, n_layers=4, n_heads=4)
+"""Config fields every family gets (dropout comes from ``--dropout``, 0.0 by default: a clean comparison)."""
 
 FAMILY_ARCH: dict[str, dict] = {
     "bert": dict(d_ff=1024),
@@ -231,7 +231,7 @@ def build_sides(
     if preset == "bench":
         config = build_config(
             family, "tiny", vocab_size=vocab, max_positions=max(512, seq),
-            **{**SHARED_ARCH, "dropout": dropout}, **FAMILY_ARCH[family],
+            dropout=dropout, **SHARED_ARCH, **FAMILY_ARCH[family],
         )
     else:
         max_positions = max(spec.presets[preset].get("max_positions", seq), seq)
@@ -447,7 +447,7 @@ def header(args, peaks: dict[str, float]) -> list[str]:
     if args.device == "cuda":
         gpu = f"gpu={torch.cuda.get_device_name()!r} cuda={torch.version.cuda} "
     if args.preset == "bench":
-        arch = ", ".join(f"{k}={v}" for k, v in {**SHARED_ARCH, "dropout": args.dropout}.items())
+        arch = ", ".join(f"{k}={v}" for k, v in SHARED_ARCH.items()) + f", dropout={args.dropout}"
         model = (
             f"vocab={args.vocab}, {arch}, d_ff=1024 (bert, gpt2) / 688 (gated: llama, modernbert), llama n_kv_heads=4"
         )

@@ -199,10 +199,10 @@ def softmax_block(
     sum_exp_b1: torch.Tensor,
 ) -> torch.Tensor | None:
     """The softmax work on one block of logits: into ``shifted_target_b1`` the target's logit less
-    the row's highest, into ``sum_exp_b1`` the row's sum of exp(logit - highest) (the target's
-    log-probability is their difference's first term less the second's log); and, given row
-    weights, the gradient of the weighted loss, (softmax - one-hot) · weight, written over the
-    logits; it returns that gradient in fp32 (the logits themselves or ``work_bV``).
+    the row's highest, into ``sum_exp_b1`` the row's sum of exp(logit - highest), so that the
+    target's log-probability is ``shifted_target - log(sum_exp)``; and, given row weights, the
+    gradient of the weighted loss, (softmax - one-hot) · weight, written over the logits; it
+    returns that gradient in fp32 (the logits themselves or ``work_bV``).
 
     fp32 logits are worked on in place, others in ``work_bV`` (fp32, the block's shape). One
     exponential per logit and five passes over the block: ``log_softmax`` followed by ``exp`` for
