@@ -440,6 +440,19 @@ def load_average() -> str:
         return "n/a"
 
 
+ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                 "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+"""Environment variables that change how the process gets memory. HF's CLM step allocates
+(B·T, V) fp32 tensors that a default glibc maps fresh and the kernel zero-fills on every step,
+so these move its tokens/s by a third while ours stays put (results, 2026-11-26, Run 16): a run's
+header names those that are set."""
+
+
+def allocator() -> str:
+    set_vars = [f"{name}={os.environ[name]}" for name in ALLOCATOR_ENV if name in os.environ]
+    return " ".join(set_vars) if set_vars else "defaults"
+
+
 def header(args, peaks: dict[str, float]) -> list[str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     peak_text = " ".join(f"peak_{d}_gflop_s={p / 1e9:.1f}" for d, p in peaks.items())
@@ -459,6 +472,7 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"transformers={transformers.__version__} threads={torch.get_num_threads()} device={args.device} "
         f"{peak_text} (matmul {args.peak_size}x{args.peak_size}, best of 5)",
         f"# load_average_1_5_15={load_average()}",
+        f"# allocator: {allocator()}",
         f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout {args.dropout} in both",
         f"# compiled: {COMPILED[args.compile]}",
