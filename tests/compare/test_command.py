@@ -154,6 +154,49 @@ def test_a_non_empty_out_folder_needs_overwrite(tmp_path, capsys):
     assert str(tmp_path) in message and "--overwrite" in message
 
 
+def a_previous_comparison(out: Path) -> dict[str, bytes]:
+    """OUT as a finished comparison leaves it (its files' contents stand in), and a snapshot."""
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("the tokenizer the old arms used")
+    (out / "report.md").write_text("the old report")
+    (out / "metrics.json").write_text("{}")
+    return snapshot(out)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_keeps_the_previous_comparison_until_every_arm_is_known_to_fit(tmp_path, capsys):
+    """A setting that only fails once the tokenizer is trained and the arms are built (a block
+    longer than the models' positions) stops before OUT changes: the old report and the tokenizer
+    its arms used stay together, and no staged tokenizer is left beside OUT."""
+    out = tmp_path / "out"
+    before = a_previous_comparison(out)
+    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(out),
+                       "--overwrite", "true", *TINIER, "--data.block_size", "100000")
+    assert "data.block_size=100000" in message and "max_positions" in message
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    compare("--out", str(out), "--overwrite", "true", *TINIER, "--seeds", "1")  # the same, now valid
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tokenizer"]["path"] == str(out / "tokenizer") and (out / "report.md").read_text() != "the old report"
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() != before["tokenizer/tokenizer.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_replaces_files_a_comparison_did_not_write(tmp_path, capsys):
+    out = tmp_path / "out"
+    a_previous_comparison(out)
+    (out / "thesis.txt").write_text("keep me")
+    before = snapshot(out)
+    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(out),
+                       "--overwrite", "true", *TINIER)
+    assert "thesis.txt" in message and "choose another folder" in message
+    assert snapshot(out) == before
+
+
 def test_a_budget_on_the_command_line_replaces_the_recipes(tmp_path):
     small = str(RECIPES / "compare" / "mlm-vs-clm-small.yaml")  # its budget is in FLOPs
     config, recipe = parse(["--config", small, "--out", str(tmp_path), "--budget.tokens", "1000"])

@@ -182,15 +182,33 @@ def snapshot(folder: Path) -> dict[str, str]:
 def test_non_empty_folder_is_refused_without_overwrite(tmp_path):
     model = scrambled("gpt2")
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    export(model, "gpt2", out)
+    before = snapshot(out)
     with pytest.raises(ScratchLMError, match=r"is not empty; pass --overwrite or choose another folder"):
-        export(model, "gpt2", out)
-    assert snapshot(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+        export(scrambled("gpt2"), "gpt2", out)
+    assert snapshot(out) == before
 
-    export(model, "gpt2", out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    changed = scrambled("gpt2")
+    with torch.no_grad():
+        changed.tok_emb.weight.mul_(2)
+    export(changed, "gpt2", out, overwrite=True)  # a previous export is replaced whole
+    assert snapshot(out) != before and verify_export(changed, "gpt2", out) < 1e-4
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging or old folder left behind
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "checkpoints/last.ckpt", "run.json"])
+def test_overwrite_never_deletes_what_an_export_did_not_write(tmp_path, foreign):
+    """A run folder (checkpoints, run.json) or a folder of the user's own files given as the
+    export's destination, with --overwrite: refused, everything left as it was."""
+    out = tmp_path / "hf"
+    export(scrambled("gpt2"), "gpt2", out)
+    (out / foreign).parent.mkdir(exist_ok=True)
+    (out / foreign).write_text("mine")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ScratchLMError, match=rf"holds files that are not an export's \({foreign.split('/')[0]}"):
+        export(scrambled("gpt2"), "gpt2", out, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
 def test_an_existing_empty_folder_is_fine(tmp_path):

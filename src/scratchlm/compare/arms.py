@@ -89,6 +89,12 @@ def arm_size(arm: Arm, config: CompareConfig, tokenizer: str) -> ArmSize:
     module = build_module(arm, config, tokenizer, seed=0)
     model, block_size = module.model, config.data.block_size
     lengths = module.sequence_lengths(block_size)  # refuses a block the objective cannot corrupt
+    if max(lengths) > model.config.max_positions:  # as training would, but before anything trains
+        raise ScratchLMError(
+            f"arms: {arm.name}: data.block_size={block_size} gives sequences of {max(lengths)} tokens, more "
+            f"than its max_positions={model.config.max_positions}; lower data.block_size or add max_positions: "
+            f"{max(lengths)} to the arm's arch"
+        )
     if arm.objective_name == "span" and block_size + 1 > model.config.max_positions:
         raise ScratchLMError(
             f"arms: {arm.name}: held-out scoring reads windows of data.block_size={block_size} tokens and an "

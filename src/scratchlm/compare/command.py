@@ -8,11 +8,14 @@ Flags come from the dataclasses of ``compare.config`` (jsonargparse, as ``scratc
 LightningCLI); the recipe's keys are the same.
 """
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 import itertools
+import shutil
 import sys
 from typing import Any
+import uuid
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 import torch
@@ -87,13 +90,18 @@ def run_comparison(config: CompareConfig, recipe: str = "") -> Path:
     """Train every arm for every seed, evaluate, probe, and write the report into ``config.out``.
     Returns the path of ``report.md``."""
     config.check()
-    out = prepare_out(Path(config.out), config.overwrite)
+    out = Path(config.out).resolve()
+    check_out(out, config.overwrite)
     probe_set = load_probe_set(config.probe)  # a bad probe file stops before any training
-    tokenizer = shared_tokenizer(config, out)
+    # Until every arm is known to build and fit its budget, OUT stays as it was: a tokenizer
+    # trained here waits in a hidden sibling folder.
+    with staging_tokenizer(config, out) as staged:
+        held_out = load_held_out(config.data, TokenizerInfo.load(staged), config.eval)
+        sizes = {arm.name: arm_size(arm, config, staged) for arm in config.arms}
+        steps = budget_steps(config, staged, sizes)
+        clear_out(out)
+        tokenizer = config.data.tokenizer or str(Path(staged).rename(out / "tokenizer"))
     info = TokenizerInfo.load(tokenizer)
-    held_out = load_held_out(config.data, info, config.eval)
-    sizes = {arm.name: arm_size(arm, config, tokenizer) for arm in config.arms}
-    steps = budget_steps(config, tokenizer, sizes)
     if torch.cuda.is_available() and config.train.accelerator != "cpu":
         torch.set_float32_matmul_precision("high")
     context = run_context(config, info, held_out, probe_set)
@@ -109,28 +117,56 @@ def run_comparison(config: CompareConfig, recipe: str = "") -> Path:
     return report
 
 
-def prepare_out(out: Path, overwrite: bool) -> Path:
+OUTPUTS = frozenset({"report.md", "metrics.json", "loss_vs_tokens.png", "loss_vs_flops.png", "probe_accuracy.png",
+                     "bits_per_byte.png", "tokenizer", "arms"})
+"""What a comparison writes into OUT: all that ``--overwrite true`` may replace."""
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT that is a file, that is not empty (without ``overwrite``), or that holds
+    anything a comparison does not write (even with it)."""
     if out.exists() and not out.is_dir():
         raise ScratchLMError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ScratchLMError(f"--out {out} is not empty; pass --overwrite true or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+    if others:
+        raise ScratchLMError(
+            f"--out {out} holds files that a comparison does not write ({', '.join(others[:4])}); "
+            "--overwrite true replaces only a previous comparison, so choose another folder"
+        )
 
 
-def shared_tokenizer(config: CompareConfig, out: Path) -> str:
-    """The tokenizer every arm uses: the one given, or one trained once on the corpus."""
+@contextmanager
+def staging_tokenizer(config: CompareConfig, out: Path):
+    """The tokenizer every arm uses: the one given, or one trained once on the corpus into a
+    hidden sibling of OUT (removed on the way out unless :func:`start_out` has moved it in)."""
     sentinels = sentinels_needed(config)
     if config.data.tokenizer is not None:
         check_given_tokenizer(TokenizerInfo.load(config.data.tokenizer), config, sentinels)
-        return config.data.tokenizer
+        yield config.data.tokenizer
+        return
     say(f"training a {config.tokenizer.kind} tokenizer ({config.tokenizer.vocab_size} tokens"
         + (f", {sentinels} sentinels" if sentinels else "") + ") on the corpus")
-    path = train_tokenizer(
-        config.data.paths, out / "tokenizer", kind=config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
-        family=TOKENIZER_STYLE, text_field=config.data.text_field, errors=config.data.errors, sentinels=sentinels,
-    )
-    return str(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tokenizer-{uuid.uuid4().hex[:8]}"
+    try:
+        yield str(train_tokenizer(
+            config.data.paths, staging, kind=config.tokenizer.kind, vocab_size=config.tokenizer.vocab_size,
+            family=TOKENIZER_STYLE, text_field=config.data.text_field, errors=config.data.errors, sentinels=sentinels,
+        ))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def clear_out(out: Path) -> None:
+    """Remove a previous comparison's outputs from OUT (``check_out`` allowed it), or create it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in out.iterdir():
+        if path.name in OUTPUTS:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def sentinels_needed(config: CompareConfig) -> int:

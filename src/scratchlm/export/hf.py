@@ -23,6 +23,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.export import bart, bert, gpt2, llama, modernbert, t5
 from scratchlm.export.card import model_card
 from scratchlm.models import get_family
+from scratchlm.tokenizer import TOKENIZER_FILES
 
 SPECIAL_KEYS = ("pad", "eos", "bos", "mask", "cls", "sep", "unk")
 """The keys of ``special_ids``."""
@@ -264,10 +265,24 @@ def check_tokenizer_names(tokenizer_files: dict[str, str]) -> None:
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse a destination that the export would damage: a file; a non-empty folder without
+    ``overwrite``; and, even with it, a folder holding anything an export does not write (a run
+    folder with its checkpoints, a fine-tuned model, the user's own files), since the export
+    replaces the whole folder."""
     if out.exists() and not out.is_dir():
         raise ScratchLMError(f"export folder {out} is a file; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ScratchLMError(f"export folder {out} is not empty; pass --overwrite or choose another folder")
+    exported = WRITTEN_BY_US | set(TOKENIZER_FILES)
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in exported or p.is_dir())
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ScratchLMError(
+            f"export folder {out} holds files that are not an export's ({shown}); --overwrite replaces "
+            "only a previous export, so choose another folder"
+        )
 
 
 # --- atomic folder replacement -------------------------------------------------------------------
