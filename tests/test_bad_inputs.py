@@ -135,3 +135,32 @@ def test_a_data_tokenizer_that_is_not_the_models(tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ScratchLMError, match=r"data.tokenizer \(.*large, 400 tokens\) differs from model.tokenizer \(.*small, 300 tokens\); use one tokenizer for both"):
         trainer.fit(module, TextDataModule(tokenizer=large, block_size=32, batch_size=2, val_fraction=0))
+
+
+@pytest.mark.parametrize("setting", [
+    ("--model.optim.lr", "-1", "model.optim.lr=-1.0: must be positive"),
+    ("--model.optim.warmup_steps", "-5", "model.optim.warmup_steps=-5: must be >= 0"),
+    ("--model.arch", "{d_modle: 64}", "model.arch.d_modle: not a gpt2 config field"),
+])
+def test_a_start_that_fails_on_a_setting_leaves_the_run_directory_free(setting, tmp_path, capsys):
+    """Checks that our configs make while the CLI builds them come out as one line (not the
+    parser's traceback), and the failed start takes back its claim on the run directory and the
+    tokenizer it trained there, so the corrected start is not refused as 'a different run'."""
+    flag, value, expected = setting
+    root = tmp_path / "run"
+    error = fit_fails(capsys, *gpt2_fit(root, "--tokenizer.vocab_size", "300", flag, value))
+    assert expected in error
+    assert not (root / "run.json").exists() and not (root / "tokenizer").exists()
+
+
+def test_a_run_directory_that_is_a_file_or_holds_a_torn_record(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    error = fit_fails(capsys, *gpt2_fit(tmp_path / "file"))
+    assert "default_root_dir" in error and "is a file" in error
+    assert (tmp_path / "file").read_text() == "mine"
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "run.json").write_text('{"model.family": "gpt2",')
+    error = fit_fails(capsys, *gpt2_fit(root))
+    assert str(root / "run.json") in error and "not valid JSON" in error
+    assert (root / "run.json").read_text() == '{"model.family": "gpt2",'

@@ -6,8 +6,10 @@ argparse programs. Problems with the user's input end with one line on stderr an
 """
 
 import argparse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+import shutil
 import sys
 import warnings
 from typing import Literal
@@ -23,7 +25,7 @@ from scratchlm.export import attention_implementations, verify_export
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
 from scratchlm.training.checkpoint_io import AtomicCheckpointIO
-from scratchlm.training.run_dir import claim_run_dir, run_identity
+from scratchlm.training.run_dir import claim_run_dir, release_run_dir, run_identity
 
 PARITY_TOLERANCE = 1e-4
 """Largest |logit difference| between our model and the exported HF model that ``--verify`` accepts."""
@@ -82,23 +84,46 @@ class FitCLI(LightningCLI):
                 "seed_everything": config.seed_everything,
             }
         )
-        claim_run_dir(root, identity, resuming=config.ckpt_path is not None)
+        self.new_claim = claim_run_dir(root, identity, resuming=config.ckpt_path is not None)
+        self.new_tokenizer = None
         if config.data.tokenizer is not None:
             return
         out = root / "tokenizer"
         if not (out / "tokenizer.json").is_file():
             spec = config.tokenizer
-            train_tokenizer(
-                config.data.paths,
-                out,
-                kind=spec.kind,
-                vocab_size=spec.vocab_size,
-                family=config.model.family,
-                sentinels=spec.sentinels,
-                text_field=config.data.text_field,
-                errors=config.data.errors,
-            )
+            with self.released_on_failure():
+                train_tokenizer(
+                    config.data.paths,
+                    out,
+                    kind=spec.kind,
+                    vocab_size=spec.vocab_size,
+                    family=config.model.family,
+                    sentinels=spec.sentinels,
+                    text_field=config.data.text_field,
+                    errors=config.data.errors,
+                )
+            self.new_tokenizer = out
         config.data.tokenizer = config.model.tokenizer = str(out)
+
+    def instantiate_classes(self) -> None:
+        with self.released_on_failure():
+            super().instantiate_classes()
+
+    @contextmanager
+    def released_on_failure(self):
+        """A start that fails before training (a bad setting, a missing file) takes back what it
+        wrote into the run directory: its record of the run and a tokenizer it trained there (one
+        trained for settings that were never run). The corrected start then finds the folder as
+        it was."""
+        try:
+            yield
+        except BaseException:
+            if self.new_claim:
+                root = Path(self.config[self.subcommand].trainer.default_root_dir)
+                if self.new_tokenizer is not None:
+                    shutil.rmtree(self.new_tokenizer, ignore_errors=True)
+                release_run_dir(root)
+            raise
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
@@ -216,6 +241,18 @@ def user_message(error: ScratchLMError) -> str:
     return text.rsplit(marker, 1)[-1].strip() if marker in text else text
 
 
+def user_error_in(error: BaseException) -> ScratchLMError | None:
+    """The user error that ``error`` is or was raised from, if any: jsonargparse wraps the checks
+    our configs make while it builds them (``OptimConfig(lr=-1)``) in its own ValueError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ScratchLMError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -224,9 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     try:
         COMMANDS[argv[0]](argv[1:])
-    except ScratchLMError as error:
-        print(f"scratchlm: error: {user_message(error)}", file=sys.stderr)
-        sys.exit(2)
     except argparse.ArgumentError as error:  # a flag or recipe key the command does not know
         print(f"scratchlm: error: {error}; scratchlm {argv[0]} --help lists the options", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        print(f"scratchlm: error: {user_message(user_error)}", file=sys.stderr)
         sys.exit(2)

@@ -40,16 +40,29 @@ def run_identity(sections: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def claim_run_dir(root: Path, identity: dict[str, Any], resuming: bool) -> None:
+def claim_run_dir(root: Path, identity: dict[str, Any], resuming: bool) -> bool:
     """Check that a run with ``identity`` may start (``resuming`` or not) in ``root``, then record it.
 
+    Returns:
+        Whether this call made the record (``root`` held none): a start that then fails may take
+        its claim back with :func:`release_run_dir`.
+
     Raises:
-        ScratchLMError: ``root`` holds a different run, or holds checkpoints and this start is
-            not a resumption (starting over would replace them).
+        ScratchLMError: ``root`` is a file, holds an unreadable record or a different run, or holds
+            checkpoints and this start is not a resumption (starting over would replace them).
     """
+    if root.exists() and not root.is_dir():
+        raise ScratchLMError(f"--trainer.default_root_dir {root} is a file; choose a folder for the run")
     recorded_path = root / RECORD
-    if recorded_path.is_file():
-        recorded = json.loads(recorded_path.read_text())
+    created = not recorded_path.is_file()
+    if not created:
+        try:
+            recorded = json.loads(recorded_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ScratchLMError(
+                f"{recorded_path} is not valid JSON ({error}); it records which run {root} belongs to: restore "
+                "it from a backup, or choose another --trainer.default_root_dir"
+            ) from None
         changes = differences(recorded, identity)
         if changes:
             raise ScratchLMError(
@@ -66,6 +79,13 @@ def claim_run_dir(root: Path, identity: dict[str, Any], resuming: bool) -> None:
     for leftover in stale_partials(root / "checkpoints"):
         leftover.unlink(missing_ok=True)
     write_atomically(recorded_path, lambda f: f.write((json.dumps(identity, indent=2, sort_keys=True) + "\n").encode()))
+    return created
+
+
+def release_run_dir(root: Path) -> None:
+    """Take back the record of a start that failed before training (a typo in a setting, a missing
+    file), so that the corrected start may claim ``root``; only for a record that start made."""
+    (root / RECORD).unlink(missing_ok=True)
 
 
 def differences(recorded: dict[str, Any], identity: dict[str, Any]) -> list[str]:
