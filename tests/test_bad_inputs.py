@@ -164,3 +164,21 @@ def test_a_run_directory_that_is_a_file_or_holds_a_torn_record(tmp_path, capsys)
     error = fit_fails(capsys, *gpt2_fit(root))
     assert str(root / "run.json") in error and "not valid JSON" in error
     assert (root / "run.json").read_text() == '{"model.family": "gpt2",'
+
+
+def test_a_missing_or_torn_checkpoint_to_resume_from(gpt2_run, tmp_path, capsys):
+    """A torn last.ckpt (a copy cut short) names the intact checkpoint beside it; nothing changes."""
+    _, gpt2_root, _ = gpt2_run
+    error = fit_fails(capsys, *gpt2_fit(tmp_path / "fresh", "--ckpt_path", str(tmp_path / "nope.ckpt")))
+    assert "nope.ckpt does not exist" in error and "--ckpt_path last" in error
+    assert not (tmp_path / "fresh" / "run.json").exists() and not (tmp_path / "fresh" / "logs").exists()
+    root = tmp_path / "run"
+    shutil.copytree(gpt2_root, root)
+    last = root / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100_000])
+    before = tree_digest(root)
+    error = fit_fails(capsys, *gpt2_fit(root, "--ckpt_path", "last"))
+    assert str(last) in error and "torn or not a checkpoint" in error
+    others = sorted(p.name for p in (root / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    assert others and all(name in error for name in others[:3])
+    assert tree_digest(root) == before

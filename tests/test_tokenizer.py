@@ -172,6 +172,14 @@ def test_bad_arguments_are_named(kwargs, expected, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_unigram_vocabulary_smaller_than_the_corpus_alphabet_is_named(tmp_path):
+    """Unigram keeps every character as a piece: the built-in corpus has more characters than a
+    vocabulary of 40 holds. One clear error, no traceback from the tokenizers library."""
+    with pytest.raises(ScratchLMError, match=r"vocab_size=40 is too small for a unigram tokenizer of this corpus"):
+        train_tokenizer(None, tmp_path / "out", kind="unigram", vocab_size=40, family="t5", sentinels=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_corpus_is_named_before_training(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ScratchLMError, match=r"no documents in .*empty\.txt"):

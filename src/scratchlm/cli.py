@@ -24,7 +24,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.export import attention_implementations, verify_export
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
-from scratchlm.training.checkpoint_io import AtomicCheckpointIO
+from scratchlm.training.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from scratchlm.training.run_dir import claim_run_dir, release_run_dir, run_identity
 
 PARITY_TOLERANCE = 1e-4
@@ -144,6 +144,17 @@ class FitCLI(LightningCLI):
         if config.get("plugins") is None:
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Refuse a ``--ckpt_path`` that cannot be resumed from before the trainer writes anything
+        (its logs included)."""
+        path = self.config[self.subcommand].ckpt_path
+        if path == "last":
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            path = path if path.exists() else None  # nothing saved yet: Lightning starts afresh
+        if path is not None and path not in ("hpc", "best", "registry"):
+            with self.released_on_failure():
+                check_checkpoint_file(Path(path))
 
     def after_fit(self) -> None:
         """Export the final weights to ``<run dir>/hf`` and print that path as the last line."""

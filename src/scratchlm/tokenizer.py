@@ -239,7 +239,16 @@ def train_tokenizer(
     sources = resolve_sources(paths)
     first_document(sources, text_field=text_field, errors=errors)  # fail before training, not after
     tokenizer, trainer = BUILDERS[kind](vocab_size - sentinels, min_frequency, specials, roles.get("unk"))
-    tokenizer.train_from_iterator(text_batches(sources, text_field, errors), trainer=trainer)
+    try:
+        tokenizer.train_from_iterator(text_batches(sources, text_field, errors), trainer=trainer)
+    except Exception as error:
+        if "not large enough to contain all chars" not in str(error):
+            raise
+        raise ScratchLMError(
+            f"vocab_size={vocab_size} is too small for a {kind} tokenizer of this corpus: Unigram keeps each "
+            f"character of the text as a piece, besides the {len(specials) + sentinels} special tokens; raise "
+            "the vocabulary size"
+        ) from None
     add_sentinels(tokenizer, sentinels)
     if style.template:
         tokenizer.post_processor = template(tokenizer, roles["cls"], roles["sep"])

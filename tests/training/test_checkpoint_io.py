@@ -118,3 +118,20 @@ def test_save_replaces_a_checkpoint_whole_and_leaves_no_temporary_file(tmp_path)
     io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 2}
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_export_of_a_folder_or_an_unreadable_file_names_what_to_give(tmp_path):
+    import pytest
+
+    from scratchlm.errors import ScratchLMError
+    from scratchlm.training.checkpoint_io import check_checkpoint_file
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(ScratchLMError, match=r"checkpoints is a folder; give one checkpoint file in it \(last\.ckpt\)"):
+        TrainedModel.from_checkpoint(folder)
+    with pytest.raises(ScratchLMError, match=r"last\.ckpt cannot be read \(not a complete torch\.save archive\)"):
+        check_checkpoint_file(folder / "last.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "good.ckpt")
+    check_checkpoint_file(tmp_path / "good.ckpt")  # a whole archive passes

@@ -27,6 +27,12 @@ class TrainedModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "TrainedModel":
         path = Path(path)
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("*.ckpt"))
+            raise ScratchLMError(
+                f"checkpoint {path} is a folder; give one checkpoint file"
+                + (f" in it ({', '.join(found[:3])})" if found else " (<run dir>/checkpoints/last.ckpt)")
+            )
         if not path.is_file():
             raise ScratchLMError(f"checkpoint {path} does not exist")
         try:

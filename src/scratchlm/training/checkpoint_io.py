@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 import uuid
+import zipfile
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
+
+from scratchlm.errors import ScratchLMError
 
 PARTIAL_MARK = ".partial-"
 """Part of the name of a file still being written (``.<name>.partial-<hex>``); see ``stale_partials``."""
@@ -28,6 +31,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options; got {storage_options!r}")
         write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+        """Lightning's load, with one clear error for a checkpoint (``--ckpt_path``) that is
+        missing, a folder, torn or not a checkpoint at all, naming the others beside it."""
+        path = Path(path)
+        check_checkpoint_file(path)
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as error:  # torn inside a valid archive, or not ours at all
+            reason = str(error).strip().split("\n")[0].split(". ")[0]
+            raise unreadable(path, f"{type(error).__name__}: {reason}") from None
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Refuse, before anything loads or writes, a ``--ckpt_path`` that is a folder, is missing, or
+    is no ``torch.save`` archive (a copy cut short loses the archive's closing directory)."""
+    if path.is_dir():
+        raise ScratchLMError(f"--ckpt_path {path} is a folder; {checkpoints_beside(path)}")
+    if not path.is_file():
+        raise ScratchLMError(
+            f"--ckpt_path {path} does not exist; check the path (--ckpt_path last resumes the run "
+            "directory's own last checkpoint)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise unreadable(path, "not a complete torch.save archive")
+
+
+def unreadable(path: Path, reason: str) -> ScratchLMError:
+    return ScratchLMError(f"--ckpt_path {path} cannot be read ({reason}); it is torn or not a checkpoint: "
+                          f"{checkpoints_beside(path)}")
+
+
+def checkpoints_beside(path: Path) -> str:
+    """What to do instead of resuming from ``path``: the other checkpoints in its folder (for a
+    folder, those inside it), newest first."""
+    folder = path if path.is_dir() else path.parent
+    others = sorted((p for p in folder.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not others:
+        return "give the path of a checkpoint written by scratchlm fit (<run dir>/checkpoints/*.ckpt)"
+    return "resume from another checkpoint there: " + ", ".join(str(p) for p in others[:3])
 
 
 def write_atomically(path: Path, write) -> None:
