@@ -141,10 +141,14 @@ def test_a_data_tokenizer_that_is_not_the_models(tmp_path):
     ("--model.optim.lr", "-1", "model.optim.lr=-1.0: must be positive"),
     ("--model.optim.warmup_steps", "-5", "model.optim.warmup_steps=-5: must be >= 0"),
     ("--model.arch", "{d_modle: 64}", "model.arch.d_modle: not a gpt2 config field"),
+    ("--model.max_bad_steps", "-1", "model.max_bad_steps=-1: must be >= 0"),
+    ("--trainer.max_steps", "0", "trainer.max_steps=0: the training stream repeats the corpus"),
+    ("--data.val_paths", "/nonexistent/held-out.jsonl", "--data.val_paths: '/nonexistent/held-out.jsonl' matches no file"),
 ])
 def test_a_start_that_fails_on_a_setting_leaves_the_run_directory_free(setting, tmp_path, capsys):
     """Checks that our configs make while the CLI builds them come out as one line (not the
-    parser's traceback), and the failed start takes back its claim on the run directory and the
+    parser's traceback), and a start failing before its first checkpoint (here while building
+    the modules or setting up the data) takes back its claim on the run directory and the
     tokenizer it trained there, so the corrected start is not refused as 'a different run'."""
     flag, value, expected = setting
     root = tmp_path / "run"
@@ -182,3 +186,19 @@ def test_a_missing_or_torn_checkpoint_to_resume_from(gpt2_run, tmp_path, capsys)
     others = sorted(p.name for p in (root / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
     assert others and all(name in error for name in others[:3])
     assert tree_digest(root) == before
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--tokenizer.kind", "bep", "tokenizer.kind='bep': expected one of 'bpe', 'wordpiece', 'unigram', None"),
+    ("--model.optim.schedule", "foo", "model.optim.schedule='foo': expected one of 'cosine', 'wsd', 'constant'"),
+    ("--model.masking.whole_word", "maybe", "model.masking.whole_word='maybe': expected a bool"),
+])
+def test_a_value_a_setting_cannot_take_names_what_it_takes(flag, value, expected, tmp_path, capsys):
+    assert expected in fit_fails(capsys, *gpt2_fit(tmp_path / "run", flag, value))
+
+
+def test_a_recipe_with_a_yaml_syntax_error_is_named(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  family: gpt2\n   size: tiny\n")
+    error = fit_fails(capsys, "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert f"{recipe}, line 3" in error

@@ -9,6 +9,7 @@ import argparse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+import re
 import shutil
 import sys
 import warnings
@@ -111,19 +112,25 @@ class FitCLI(LightningCLI):
 
     @contextmanager
     def released_on_failure(self):
-        """A start that fails before training (a bad setting, a missing file) takes back what it
-        wrote into the run directory: its record of the run and a tokenizer it trained there (one
-        trained for settings that were never run). The corrected start then finds the folder as
-        it was."""
+        """A start that fails before its first checkpoint (a bad setting, a missing file, a bad
+        line found while the data is set up) takes back what it wrote into the run directory: its
+        record of the run and a tokenizer it trained there (for settings that never trained to a
+        checkpoint). The corrected start, whatever it changed, then finds the folder free; its
+        logs stay."""
         try:
             yield
         except BaseException:
-            if self.new_claim:
-                root = Path(self.config[self.subcommand].trainer.default_root_dir)
+            root = Path(self.config[self.subcommand].trainer.default_root_dir)
+            if self.new_claim and not any((root / "checkpoints").glob("*.ckpt")):
                 if self.new_tokenizer is not None:
                     shutil.rmtree(self.new_tokenizer, ignore_errors=True)
                 release_run_dir(root)
             raise
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit`` (LightningCLI runs a method of the subcommand's name in its place)."""
+        with self.released_on_failure():
+            self.trainer.fit(**kwargs)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
@@ -189,7 +196,9 @@ def tokenizer(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="scratchlm tokenizer", description="Tokenizers for scratchlm.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a tokenizer on a corpus, streaming it")
-    train.add_argument("--data", nargs="+", default=None, help="files, folders or globs (default: the built-in corpus)")
+    # The data flags also go by fit's names (--data.paths, ...), which the data errors name.
+    train.add_argument("--data", "--data.paths", dest="data", nargs="+", default=None,
+                       help="files, folders or globs (default: the built-in corpus)")
     train.add_argument("--kind", choices=["bpe", "wordpiece", "unigram"], default=None, help="default: the family's")
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--family", default="gpt2", help="whose special tokens to add (bert, gpt2, llama, t5, bart, ...)")
@@ -197,7 +206,10 @@ def tokenizer(argv: list[str]) -> None:
         "--sentinels", type=int, default=None,
         help="span-corruption sentinels <extra_id_0..N-1> at the top of the vocabulary (default: 100 for t5, else 0)",
     )
-    train.add_argument("--text-field", default="text", help="field of JSONL/parquet records holding the text")
+    train.add_argument("--text-field", "--data.text_field", dest="text_field", default="text",
+                       help="field of JSONL/parquet records holding the text")
+    train.add_argument("--errors", "--data.errors", dest="errors", choices=["strict", "replace"], default="strict",
+                       help="bytes that are not UTF-8: strict stops at the file and line, replace reads them as U+FFFD")
     train.add_argument("--max-length", type=int, default=1024, help="model_max_length saved with the tokenizer")
     train.add_argument("--out", required=True, help="folder to write; loads with AutoTokenizer.from_pretrained")
     args = parser.parse_args(argv)
@@ -208,6 +220,7 @@ def tokenizer(argv: list[str]) -> None:
         vocab_size=args.vocab_size,
         family=args.family,
         text_field=args.text_field,
+        errors=args.errors,
         model_max_length=args.max_length,
         sentinels=args.sentinels,
     )
@@ -264,6 +277,39 @@ def user_error_in(error: BaseException) -> ScratchLMError | None:
     return None
 
 
+UNION_ERROR = re.compile(
+    r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union subtypes '
+    r"Subtypes: \[(?P<types>.*?)\] Errors: .* Given value: (?P<value>.*)$"
+)
+
+
+NESTED_VALUE_ERROR = re.compile(
+    r'^Parser key "(?P<key>[^"]+)":.* Parser key "(?P<inner>[^"]+)": Expected a (?P<expected>.+?)\. '
+    r"Got value: (?P<value>\S+)"
+)
+
+
+def argument_message(error: argparse.ArgumentError, argv: list[str]) -> str:
+    """jsonargparse's message on one line: a YAML syntax error names the recipe file, and a value
+    that fits none of a setting's types says what the setting takes."""
+    text = " ".join(str(error).split())
+    if '"<unicode string>"' in text and "--config" in argv[:-1]:
+        text = text.replace('"<unicode string>"', argv[argv.index("--config") + 1])
+    if match := NESTED_VALUE_ERROR.search(text):  # a bad value inside a settings group (model.optim)
+        return f"{match['key']}.{match['inner']}={match['value']!r}: expected {readable_type(match['expected'])}"
+    if (match := UNION_ERROR.search(text)) and "typing.Literal[" in match["types"]:  # a choice: list them
+        text = f"{match['key']}={match['value']!r}: expected one of {readable_type(match['types'])[len('one of '):]}"
+    return text
+
+
+def readable_type(spelled: str) -> str:
+    """``typing.Literal['a', 'b']`` -> "one of 'a', 'b'"; ``<class 'bool'>`` -> "a bool"."""
+    if "typing.Literal[" in spelled:
+        choices = re.sub(r"typing\.Literal\[([^\]]*)\]", r"\1", spelled).replace("<class 'NoneType'>", "None")
+        return "one of " + re.sub(r"<class '([\w.]+)'>", r"\1", choices)
+    return re.sub(r"<class '([\w.]+)'>", r"a \1", spelled)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -273,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[argv[0]](argv[1:])
     except argparse.ArgumentError as error:  # a flag or recipe key the command does not know
-        print(f"scratchlm: error: {error}; scratchlm {argv[0]} --help lists the options", file=sys.stderr)
+        print(f"scratchlm: error: {argument_message(error, argv)}; scratchlm {argv[0]} --help lists the options",
+              file=sys.stderr)
         sys.exit(2)
     except Exception as error:
         user_error = user_error_in(error)

@@ -233,6 +233,8 @@ def train_tokenizer(
     specials = added_tokens(roles)
     sentinels = style.sentinels if sentinels is None else sentinels
     check_sentinels(sentinels)
+    if model_max_length < 1:
+        raise ScratchLMError(f"model_max_length={model_max_length}: must be positive (the longest input, in tokens)")
     if sentinels and "eos" not in roles and "sep" in roles:
         roles = {**roles, "eos": roles["sep"]}  # no new token: [SEP] already closes every text
     check_vocab_size(vocab_size, kind, len(specials) + sentinels)

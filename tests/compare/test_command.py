@@ -133,6 +133,16 @@ def error_of(capsys, *args: str) -> str:
     return lines[0]
 
 
+def test_an_unknown_flag_or_recipe_key_is_one_line_not_the_usage(tmp_path, capsys):
+    tiny = str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml")
+    message = error_of(capsys, "--config", tiny, "--out", str(tmp_path / "a"), "--model.d_modle", "64")
+    assert "--model.d_modle" in message and "scratchlm compare --help" in message
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((RECIPES / "compare" / "mlm-vs-clm-tiny.yaml").read_text().replace("block_size:", "blok_size:"))
+    message = error_of(capsys, "--config", str(typo), "--out", str(tmp_path / "b"))
+    assert "blok_size" in message
+
+
 def test_no_budget_is_one_clear_error(tmp_path, capsys):
     message = error_of(capsys, "--out", str(tmp_path / "out"))
     assert "no budget" in message and "--budget.tokens" in message

@@ -49,6 +49,7 @@ a span arm it also gets sentinels, and [SEP] becomes its eos (see ``tokenizer.tr
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="scratchlm compare",
+        exit_on_error=False,  # a bad flag or recipe key: one line from cli.main, not the whole usage
         description="Pre-train several arms (MLM, causal LM, span corruption) on the same tokens to the same budget; report.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a recipe, e.g. recipes/compare/mlm-vs-clm-tiny.yaml")

@@ -131,7 +131,7 @@ class TextDataModule(L.LightningDataModule):
             )
         tokenizer_info = TokenizerInfo.load(self.tokenizer)
         self.sources = resolve_sources(self.paths)
-        self.val_sources = resolve_sources(self.val_paths) if self.val_paths else []
+        self.val_sources = resolve_sources(self.val_paths, flag="--data.val_paths") if self.val_paths else []
         options = {"text_field": self.text_field, "errors": self.errors}
         first_document(self.sources, **options)
         if self.val_sources:

@@ -85,9 +85,10 @@ class Document:
 # --- resolving paths ---------------------------------------------------------------------------
 
 
-def resolve_sources(paths: Sequence[str] | None) -> list[Source]:
+def resolve_sources(paths: Sequence[str] | None, flag: str = "--data.paths") -> list[Source]:
     """Turn ``--data.paths`` into sources, in a deterministic order (each as given; folders and
-    globs sorted), each file once. None or empty means the built-in corpus.
+    globs sorted), each file once. None or empty means the built-in corpus. Errors name ``flag``
+    (``--data.val_paths`` for held-out files).
 
     A path is a file, a folder (searched recursively for supported files; hidden ones skipped), a
     glob (``*``, ``?``, ``**``), a ``save_to_disk`` folder (a Dataset, or a DatasetDict whose
@@ -96,39 +97,39 @@ def resolve_sources(paths: Sequence[str] | None) -> list[Source]:
         paths = [paths]
     if not paths:
         return [Source("builtin", BUILTIN)]
-    sources = [source for path in paths for source in resolve_path(str(path))]
+    sources = [source for path in paths for source in resolve_path(str(path), flag)]
     return list(dict.fromkeys(sources))
 
 
-def resolve_path(path: str) -> list[Source]:
+def resolve_path(path: str, flag: str) -> list[Source]:
     if path == BUILTIN:
         return [Source("builtin", BUILTIN)]
     if path.startswith(HUB_PREFIX):
-        return [hub_source(path)]
+        return [hub_source(path, flag)]
     if any(char in path for char in "*?["):
-        return resolve_glob(path)
+        return resolve_glob(path, flag)
     found = Path(path).expanduser()
     if not found.exists():
-        raise ScratchLMError(f"--data.paths: {path!r} matches no file; check the path or quote the glob")
+        raise ScratchLMError(f"{flag}: {path!r} matches no file; check the path or quote the glob")
     if found.is_dir():
-        return resolve_folder(found, path)
+        return resolve_folder(found, path, flag)
     kind = kind_of(found)
     if kind is None:
         raise ScratchLMError(
-            f"--data.paths: {path} has an unsupported extension; use one of {', '.join(SUFFIX_KINDS)} "
+            f"{flag}: {path} has an unsupported extension; use one of {', '.join(SUFFIX_KINDS)} "
             "(or a folder saved with datasets' save_to_disk)"
         )
     return [Source(kind, str(found))]
 
 
-def hub_source(path: str) -> Source:
+def hub_source(path: str, flag: str) -> Source:
     name, _, split = path[len(HUB_PREFIX):].partition(":")
     if not name:
-        raise ScratchLMError(f"--data.paths: {path!r} names no dataset; write datasets:NAME[:SPLIT]")
+        raise ScratchLMError(f"{flag}: {path!r} names no dataset; write datasets:NAME[:SPLIT]")
     return Source("hub", name, split or "train")
 
 
-def resolve_glob(pattern: str) -> list[Source]:
+def resolve_glob(pattern: str, flag: str) -> list[Source]:
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     sources = []
     for match in map(Path, matches):
@@ -138,20 +139,20 @@ def resolve_glob(pattern: str) -> list[Source]:
         elif kind is not None:
             sources.append(Source(kind, str(match)))
     if not matches:
-        raise ScratchLMError(f"--data.paths: {pattern!r} matches no file; check the path or quote the glob")
+        raise ScratchLMError(f"{flag}: {pattern!r} matches no file; check the path or quote the glob")
     if not sources:
         raise ScratchLMError(
-            f"--data.paths: {pattern!r} matches {len(matches)} paths but no supported file "
+            f"{flag}: {pattern!r} matches {len(matches)} paths but no supported file "
             f"({', '.join(SUFFIX_KINDS)}); narrow or fix the glob"
         )
     return sources
 
 
-def resolve_folder(folder: Path, given: str) -> list[Source]:
+def resolve_folder(folder: Path, given: str, flag: str) -> list[Source]:
     sources = folder_sources(folder)
     if not sources:
         raise ScratchLMError(
-            f"--data.paths: folder {given} holds no supported file ({', '.join(SUFFIX_KINDS)}); "
+            f"{flag}: folder {given} holds no supported file ({', '.join(SUFFIX_KINDS)}); "
             "check the folder"
         )
     return sources
@@ -329,7 +330,7 @@ def read_hub(source: Source, text_field: str, errors: Errors) -> Iterator[Docume
         rows = datasets.load_dataset(source.location, split=source.split, streaming=True)
     except Exception as error:  # unknown name, split, network: datasets raises many types
         raise ScratchLMError(
-            f"--data.paths: {where} cannot be loaded ({reason(error)}); check the name and split, or "
+            f"{where} cannot be loaded ({reason(error)}); check the name and split, or "
             "save the dataset with save_to_disk and pass that folder"
         ) from None
     for row, record in enumerate(rows, start=1):

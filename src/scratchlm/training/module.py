@@ -93,6 +93,11 @@ class PretrainModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        if max_bad_steps < 0:
+            raise ScratchLMError(
+                f"model.max_bad_steps={max_bad_steps}: must be >= 0 (0 stops at the first step whose loss or "
+                "gradients are not finite)"
+            )
         if tokenizer is None:
             raise ScratchLMError("no tokenizer: pass --data.tokenizer DIR (from scratchlm tokenizer train)")
         if family not in FAMILIES:
@@ -295,9 +300,10 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps < 1:
+            setting = "trainer.max_steps is not set" if total_steps in (None, -1) else f"trainer.max_steps={total_steps}"
             raise ScratchLMError(
-                "trainer.max_steps is not set: the training stream repeats the corpus, so the run "
-                "length is counted in steps; pass --trainer.max_steps N"
+                f"{setting}: the training stream repeats the corpus, so the run length is counted in "
+                "steps; pass --trainer.max_steps N (N >= 1)"
             )
         return build_optimizer(self.model, self.optim, total_steps)
 
