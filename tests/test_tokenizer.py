@@ -197,6 +197,8 @@ def test_a_missing_or_broken_tokenizer_folder_is_named(trained, tmp_path):
     write_tokenizer_files({**good, "tokenizer.json": "{not json"}, broken)
     with pytest.raises(ScratchLMError, match=r"broken/tokenizer\.json cannot be read"):
         TokenizerInfo.load(broken)
+    with pytest.raises(ScratchLMError, match=r"tokenizer\.json is a file; pass the folder that holds it \(.*broken\)"):
+        TokenizerInfo.load(broken / "tokenizer.json")
     bad_config = tmp_path / "bad-config"
     write_tokenizer_files({**good, "tokenizer_config.json": "{"}, bad_config)
     with pytest.raises(ScratchLMError, match=r"bad-config/tokenizer_config\.json:1"):

@@ -421,6 +421,8 @@ class TokenizerInfo:
     def load(cls, path: str | Path) -> "TokenizerInfo":
         """Read a tokenizer folder (as written by ``train_tokenizer``)."""
         folder = Path(path)
+        if folder.is_file():
+            raise ScratchLMError(f"tokenizer {folder} is a file; pass the folder that holds it ({folder.parent})")
         if not (folder / "tokenizer.json").is_file():
             what = "does not exist" if not folder.exists() else "has no tokenizer.json"
             raise ScratchLMError(
