@@ -202,3 +202,13 @@ def test_a_recipe_with_a_yaml_syntax_error_is_named(tmp_path, capsys):
     recipe.write_text("model:\n  family: gpt2\n   size: tiny\n")
     error = fit_fails(capsys, "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path / "run"))
     assert f"{recipe}, line 3" in error
+
+
+def test_resuming_a_run_that_has_no_checkpoint_yet_starts_at_step_0_and_says_so(tmp_path, capsys):
+    root = tmp_path / "run"
+    main(["fit", *gpt2_fit(root, "--ckpt_path", "last", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                           "--tokenizer.vocab_size", "300")])
+    captured = capsys.readouterr()
+    assert f"no checkpoint in {root / 'checkpoints'} yet: training starts at step 0" in captured.err
+    assert captured.out.strip().splitlines()[-1] == str((root / "hf").resolve())
+    assert (root / "checkpoints" / "last.ckpt").is_file()

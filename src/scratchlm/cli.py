@@ -128,9 +128,18 @@ class FitCLI(LightningCLI):
             raise
 
     def fit(self, **kwargs) -> None:
-        """``trainer.fit`` (LightningCLI runs a method of the subcommand's name in its place)."""
+        """``trainer.fit`` (LightningCLI runs a method of the subcommand's name in its place).
+        ``--ckpt_path last`` before the run's first checkpoint starts at step 0, saying so."""
+        if kwargs.get("ckpt_path") == "last" and self.last_checkpoint() is None:
+            print(f"[scratchlm] no checkpoint in {Path(self.trainer.default_root_dir) / 'checkpoints'} yet: "
+                  "training starts at step 0", file=sys.stderr, flush=True)
+            kwargs["ckpt_path"] = None
         with self.released_on_failure():
             self.trainer.fit(**kwargs)
+
+    def last_checkpoint(self) -> Path | None:
+        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        return path if path.exists() else None
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand]["trainer"]
@@ -157,8 +166,7 @@ class FitCLI(LightningCLI):
         (its logs included)."""
         path = self.config[self.subcommand].ckpt_path
         if path == "last":
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            path = path if path.exists() else None  # nothing saved yet: Lightning starts afresh
+            path = self.last_checkpoint()  # None before the first: ``fit`` starts afresh
         if path is not None and path not in ("hpc", "best", "registry"):
             with self.released_on_failure():
                 check_checkpoint_file(Path(path))
