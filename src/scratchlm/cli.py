@@ -53,6 +53,11 @@ class FitCLI(LightningCLI):
     """Lightning's CLI with scratchlm's run layout: everything under ``trainer.default_root_dir``
     (tokenizer/, checkpoints/, logs/, hf/), and an export when training ends."""
 
+    new_claim = False
+    """Whether this start recorded the run in its directory (see ``released_on_failure``)."""
+    new_tokenizer: Path | None = None
+    """The tokenizer this start trained into the run directory, if it did."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(TokenizerSpec, "tokenizer")
         parser.link_arguments("data.tokenizer", "model.tokenizer")
@@ -86,7 +91,6 @@ class FitCLI(LightningCLI):
             }
         )
         self.new_claim = claim_run_dir(root, identity, resuming=config.ckpt_path is not None)
-        self.new_tokenizer = None
         if config.data.tokenizer is not None:
             return
         out = root / "tokenizer"
@@ -306,7 +310,7 @@ def argument_message(error: argparse.ArgumentError, argv: list[str]) -> str:
     if match := NESTED_VALUE_ERROR.search(text):  # a bad value inside a settings group (model.optim)
         return f"{match['key']}.{match['inner']}={match['value']!r}: expected {readable_type(match['expected'])}"
     if (match := UNION_ERROR.search(text)) and "typing.Literal[" in match["types"]:  # a choice: list them
-        text = f"{match['key']}={match['value']!r}: expected one of {readable_type(match['types'])[len('one of '):]}"
+        return f"{match['key']}={match['value']!r}: expected {readable_type(match['types'])}"
     return text
 
 

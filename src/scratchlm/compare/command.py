@@ -143,7 +143,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 @contextmanager
 def staging_tokenizer(config: CompareConfig, out: Path):
     """The tokenizer every arm uses: the one given, or one trained once on the corpus into a
-    hidden sibling of OUT (removed on the way out unless :func:`start_out` has moved it in)."""
+    hidden sibling of OUT (removed on the way out unless the caller has moved it into OUT)."""
     sentinels = sentinels_needed(config)
     if config.data.tokenizer is not None:
         check_given_tokenizer(TokenizerInfo.load(config.data.tokenizer), config, sentinels)

@@ -95,7 +95,10 @@ def windows(length: int, size: int) -> list[tuple[int, int]]:
 def load_held_out(data: DataSpec, info: TokenizerInfo, spec: EvalSpec) -> HeldOut:
     """The first ``spec.documents`` held-out documents, cut to about ``spec.doc_tokens`` tokens."""
     if data.val_paths:
-        documents = split_documents(resolve_sources(data.val_paths, flag="--data.val_paths"), "all", 0.0, text_field=data.text_field, errors=data.errors)
+        documents = split_documents(
+            resolve_sources(data.val_paths, flag="--data.val_paths"), "all", 0.0,
+            text_field=data.text_field, errors=data.errors,
+        )
     else:
         documents = split_documents(
             resolve_sources(data.paths), "val", data.val_fraction, text_field=data.text_field, errors=data.errors
