@@ -195,6 +195,11 @@ def test_overwrite_keeps_the_previous_comparison_until_every_arm_is_known_to_fit
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() != before["tokenizer/tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
+    # Once more on the tokenizer that comparison trained: it is the new run's input, so it stays.
+    tokenizer = (out / "tokenizer" / "tokenizer.json").read_bytes()
+    compare("--out", str(out), "--overwrite", "true", *TINIER, "--seeds", "1", "--data.tokenizer", str(out / "tokenizer"))
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer and (out / "report.md").is_file()
+
 
 def test_overwrite_never_replaces_files_a_comparison_did_not_write(tmp_path, capsys):
     out = tmp_path / "out"

@@ -100,7 +100,7 @@ def run_comparison(config: CompareConfig, recipe: str = "") -> Path:
         held_out = load_held_out(config.data, TokenizerInfo.load(staged), config.eval)
         sizes = {arm.name: arm_size(arm, config, staged) for arm in config.arms}
         steps = budget_steps(config, staged, sizes)
-        clear_out(out)
+        clear_out(out, keep=None if config.data.tokenizer is None else Path(config.data.tokenizer))
         tokenizer = config.data.tokenizer or str(Path(staged).rename(out / "tokenizer"))
     info = TokenizerInfo.load(tokenizer)
     if torch.cuda.is_available() and config.train.accelerator != "cpu":
@@ -162,12 +162,15 @@ def staging_tokenizer(config: CompareConfig, out: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def clear_out(out: Path) -> None:
-    """Remove a previous comparison's outputs from OUT (``check_out`` allowed it), or create it."""
+def clear_out(out: Path, keep: Path | None) -> None:
+    """Remove a previous comparison's outputs from OUT (``check_out`` allowed it), or create it;
+    ``keep`` (a given tokenizer, which may be the previous comparison's) stays."""
     out.mkdir(parents=True, exist_ok=True)
+    keep = None if keep is None else keep.resolve()
     for path in out.iterdir():
-        if path.name in OUTPUTS:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name not in OUTPUTS or (keep is not None and keep.is_relative_to(path.resolve())):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def sentinels_needed(config: CompareConfig) -> int:
