@@ -105,13 +105,17 @@ def test_liger_swiglu_matches_the_hand_written_one():
     torch.testing.assert_close(grad_liger, grad_ours, atol=2e-2, rtol=1.6e-2)
 
 
-def test_fit_trains_on_the_gpu_in_bf16(tmp_path):
-    """The command a GPU user runs: a short bf16-mixed fit on the GPU learns (held-out loss well
-    under a uniform guess) and writes an HF folder that transformers loads."""
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fit_trains_on_the_gpu_in_mixed_precision(tmp_path, precision):
+    """The command a GPU user runs, with the small recipes' gradient clipping: a short mixed-
+    precision fit on the GPU learns (held-out loss well under a uniform guess) and writes an HF
+    folder that transformers loads. (fp16's scaled gradients take an unfused AdamW, bf16's the
+    fused one: tests/training/test_clipping.py.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, result = fit_recipe(
-        "gpt2-tiny.yaml", tmp_path, "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"
+        "gpt2-tiny.yaml", tmp_path, "--trainer.accelerator", "gpu", "--trainer.precision", precision,
+        "--trainer.gradient_clip_val", "1.0",
     )
     assert "GPU available: True (cuda), used: True" in result.stderr, result.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

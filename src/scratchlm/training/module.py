@@ -305,7 +305,31 @@ class PretrainModule(L.LightningModule):
                 f"{setting}: the training stream repeats the corpus, so the run length is counted in "
                 "steps; pass --trainer.max_steps N (N >= 1)"
             )
-        return build_optimizer(self.model, self.optim, total_steps)
+        # Under fp16's loss scaling, clipping needs the gradients unscaled first, which Lightning
+        # does for an unfused optimizer only (a fused step unscales inside itself, after the clip).
+        clipping_scaled = self.scaled_gradients() and bool(self.trainer.gradient_clip_val)
+        return build_optimizer(self.model, self.optim, total_steps, fused=not clipping_scaled)
+
+    def scaled_gradients(self) -> bool:
+        """Whether gradients reach the optimizer multiplied by a loss scale (fp16 mixed precision's
+        ``GradScaler``; bf16 has none)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``--trainer.gradient_clip_val``, clipped here. Lightning's mixed-precision plugin refuses
+        any fused optimizer, for fear of fp16's scaled gradients; in bf16 (and fp32) nothing is
+        scaled, so the fused AdamW's gradients are clipped directly. Under fp16 the optimizer is
+        unfused (``configure_optimizers``) and Lightning clips after unscaling."""
+        if not gradient_clip_val:
+            return
+        if self.scaled_gradients():
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # --- checkpoints -------------------------------------------------------------------------
 

@@ -81,11 +81,12 @@ def fused_supported(model: nn.Module) -> bool:
     return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in model.parameters())
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int):
-    """AdamW plus a per-step LambdaLR, in the shape Lightning's ``configure_optimizers`` returns."""
+def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int, fused: bool = True):
+    """AdamW plus a per-step LambdaLR, in the shape Lightning's ``configure_optimizers`` returns;
+    AdamW is fused where the device supports it, unless ``fused`` is False."""
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps,
-        fused=fused_supported(model),
+        fused=fused and fused_supported(model),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, config)
