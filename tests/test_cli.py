@@ -38,7 +38,11 @@ def test_fit_writes_logs_checkpoints_and_tokenizer_under_the_run_dir(gpt2_run):
         assert column in header, column
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert (root / "tokenizer" / "tokenizer.json").is_file()
-    assert list(root.glob("logs/version_*/events.out.tfevents.*"))
+    # One version folder per start, as the README's table says: the CSV metrics, the TensorBoard
+    # events and the config side by side.
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0"]
+    assert {"metrics.csv", "config.yaml"} <= {p.name for p in (root / "logs" / "version_0").iterdir()}
+    assert list(root.glob("logs/version_0/events.out.tfevents.*"))
 
 
 def test_fit_bert_gives_fill_mask_and_a_classifier_backbone(bert_run):
@@ -149,3 +153,11 @@ def test_a_bad_line_found_while_training_is_reported_cleanly(gpt2_run, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("scratchlm: error:")]
     assert len(error_lines) == 1 and "late.jsonl:151" in error_lines[0], result.stderr
+
+
+def test_tokenizer_train_says_when_the_corpus_gives_fewer_tokens_than_asked(tmp_path, capsys):
+    main(["tokenizer", "train", "--vocab-size", "60000", "--out", str(tmp_path / "tok")])
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str((tmp_path / "tok").resolve())
+    got = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert f"the tokenizer has {len(got)}" in captured.err and "fewer than the 60000 asked" in captured.err

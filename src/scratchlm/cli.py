@@ -23,7 +23,7 @@ from scratchlm.compare import compare
 from scratchlm.data import TextDataModule
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import attention_implementations, verify_export
-from scratchlm.tokenizer import train_tokenizer
+from scratchlm.tokenizer import TokenizerInfo, train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
 from scratchlm.training.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from scratchlm.training.run_dir import claim_run_dir, release_run_dir, run_identity
@@ -108,6 +108,7 @@ class FitCLI(LightningCLI):
                     errors=config.data.errors,
                 )
             self.new_tokenizer = out
+            note_smaller_vocabulary(out, spec.vocab_size)
         config.data.tokenizer = config.model.tokenizer = str(out)
 
     def instantiate_classes(self) -> None:
@@ -149,7 +150,8 @@ class FitCLI(LightningCLI):
         config = self.config_init[self.subcommand]["trainer"]
         root = Path(config["default_root_dir"])
         if config.get("logger") in (None, True):
-            kwargs["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="logs")]
+            csv = CSVLogger(root, name="logs")  # one version folder for both: metrics.csv beside the events
+            kwargs["logger"] = [csv, TensorBoardLogger(root, name="logs", version=csv.version)]
         every = config.get("val_check_interval") if isinstance(config.get("val_check_interval"), int) else None
         given = config.get("callbacks") or []
         kwargs["callbacks"] = [
@@ -236,7 +238,17 @@ def tokenizer(argv: list[str]) -> None:
         model_max_length=args.max_length,
         sentinels=args.sentinels,
     )
+    note_smaller_vocabulary(out, args.vocab_size)
     print(Path(out).resolve())
+
+
+def note_smaller_vocabulary(folder: Path, asked: int) -> None:
+    """Say so when the corpus gave fewer tokens than asked (a small corpus runs out of merges or
+    pieces before the vocabulary fills); the model's embedding then has as many rows as there are."""
+    got = TokenizerInfo.load(folder).vocab_size
+    if got < asked:
+        print(f"[scratchlm] the tokenizer has {got} tokens, fewer than the {asked} asked: the corpus gave no more",
+              file=sys.stderr, flush=True)
 
 
 # --- export ------------------------------------------------------------------------------------
