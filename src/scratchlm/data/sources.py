@@ -268,7 +268,7 @@ def read_jsonl(source: Source, text_field: str, errors: Errors) -> Iterator[Docu
         except json.JSONDecodeError as error:
             raise ScratchLMError(
                 f"{path}:{number}: malformed JSON ({error.msg}, column {error.colno}); fix or remove "
-                "that line (a .json file must hold one JSON object per line)"
+                "that line (each line of a JSON Lines file holds one JSON object)"
             ) from None
         yield Document(text_of(record, f"{path}:{number}", text_field, "line"), path, number)
 
