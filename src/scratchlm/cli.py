@@ -190,6 +190,9 @@ def fit(argv: list[str]) -> None:
     # We pass ``args`` on purpose (the subcommand table consumed argv[0]) and keep sys.argv intact:
     # Lightning's DDP launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # The run directory's guard (training.run_dir) already refuses a start that would overwrite
+    # another run's checkpoints; a resumed run's own checkpoints are meant to be there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     FitCLI(
         PretrainModule,
         TextDataModule,
