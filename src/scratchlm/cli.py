@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from scratchlm.compare import compare
 from scratchlm.data import TextDataModule
+from scratchlm.data.prepared import default_tokenizer, prepare_corpus
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import attention_implementations, verify_export
 from scratchlm.tokenizer import TokenizerInfo, train_tokenizer
@@ -78,8 +79,9 @@ class FitCLI(LightningCLI):
         instead, naming the file.)"""
 
     def before_instantiate_classes(self) -> None:
-        """Claim the run directory for this run (see ``training.run_dir``), then train a
-        tokenizer into it when none is given, before the modules that need it."""
+        """Claim the run directory for this run (see ``training.run_dir``), then, when no
+        tokenizer is given, take a prepared corpus's or train one into the run directory, before
+        the modules that need it."""
         config = self.config[self.subcommand]
         root = Path(config.trainer.default_root_dir)
         identity = run_identity(
@@ -91,7 +93,12 @@ class FitCLI(LightningCLI):
             }
         )
         self.new_claim = claim_run_dir(root, identity, resuming=config.ckpt_path is not None)
+        if config.data.tokenizer is None:
+            with self.released_on_failure():
+                # A prepared corpus brings the tokenizer its ids belong to.
+                config.data.tokenizer = default_tokenizer(config.data.paths)
         if config.data.tokenizer is not None:
+            config.model.tokenizer = config.data.tokenizer
             return
         out = root / "tokenizer"
         if not (out / "tokenizer.json").is_file():
@@ -254,6 +261,47 @@ def note_smaller_vocabulary(folder: Path, asked: int) -> None:
               file=sys.stderr, flush=True)
 
 
+# --- prepare -----------------------------------------------------------------------------------
+
+
+def prepare(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="scratchlm prepare",
+        description="Tokenize a corpus once into a folder that fit reads as --data.paths, without tokenizing again.",
+    )
+    parser.add_argument("--data", "--data.paths", dest="data", nargs="+", default=None,
+                        help="files, folders or globs, as fit's --data.paths (default: the built-in corpus)")
+    parser.add_argument("--tokenizer", "--data.tokenizer", dest="tokenizer", required=True,
+                        help="tokenizer folder (from scratchlm tokenizer train); fit trains with this one")
+    parser.add_argument("--text-field", "--data.text_field", dest="text_field", default="text",
+                        help="field of JSONL/parquet records holding the text")
+    parser.add_argument("--errors", "--data.errors", dest="errors", choices=["strict", "replace"], default="strict",
+                        help="bytes that are not UTF-8: strict stops at the file and line, replace reads them as U+FFFD")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous prepared corpus at --out")
+    args = parser.parse_args(argv)
+    metadata = prepare_corpus(
+        args.data, args.tokenizer, args.out, text_field=args.text_field, errors=args.errors,
+        overwrite=args.overwrite, progress=ProgressLine("prepared"),
+    )
+    print(f"[scratchlm] {metadata['documents']:,} documents, {metadata['tokens']:,} tokens ({metadata['dtype']})",
+          file=sys.stderr, flush=True)
+    print(Path(args.out).resolve())
+
+
+class ProgressLine:
+    """Reports documents, tokens and tokens/s on stderr, at most every ``every`` seconds."""
+
+    def __init__(self, verb: str, every: float = 10.0) -> None:
+        self.verb, self.every, self.last = verb, every, 0.0
+
+    def __call__(self, documents: int, tokens: int, seconds: float) -> None:
+        if seconds - self.last >= self.every:
+            self.last = seconds
+            print(f"[scratchlm] {self.verb} {documents:,} documents, {tokens:,} tokens "
+                  f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)", file=sys.stderr, flush=True)
+
+
 # --- export ------------------------------------------------------------------------------------
 
 
@@ -281,7 +329,7 @@ def export(argv: list[str]) -> None:
     print(path.resolve())
 
 
-COMMANDS = {"fit": fit, "tokenizer": tokenizer, "export": export, "compare": compare}
+COMMANDS = {"fit": fit, "tokenizer": tokenizer, "prepare": prepare, "export": export, "compare": compare}
 
 
 def user_message(error: ScratchLMError) -> str:

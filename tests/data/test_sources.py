@@ -221,3 +221,85 @@ def test_describe_names_files_briefly(tmp_path):
     for name in "abcde":
         (tmp_path / f"{name}.txt").write_text(name)
     assert describe_sources(resolve_sources([str(tmp_path)])) == "a.txt, b.txt, c.txt and 2 more"
+
+
+# --- zstd-compressed files ---------------------------------------------------------------------
+
+
+def zst(*frames: bytes) -> bytes:
+    """``frames`` compressed one zstd frame each, back to back (as pzstd and chunked writers do)."""
+    import zstandard
+
+    return b"".join(zstandard.ZstdCompressor().compress(frame) for frame in frames)
+
+
+def test_zst_files_read_as_the_same_documents_as_their_plain_versions(tmp_path, monkeypatch):
+    from scratchlm.data.sources import ZstdReader
+
+    # Read a few bytes at a time, so lines and frames straddle reads.
+    monkeypatch.setattr(ZstdReader, "READ_SIZE", 7)
+    text = "\ufefffirst é\nsame paragraph\r\n\n  \nsecond\n   indented\n\nthird\n".encode()
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in ["one é", "  ", "two", "three"]).encode()
+    for name, plain in {"notes.txt": text, "rows.jsonl": lines, "rows.json": lines}.items():
+        (tmp_path / name).write_bytes(plain)
+        (tmp_path / f"{name}.zst").write_bytes(zst(plain[:20], plain[20:]))
+        expected = [(t, f"{name}.zst", line) for t, _, line in documents([str(tmp_path / name)])]
+        assert len(expected) == 3
+        assert documents([str(tmp_path / f"{name}.zst")]) == expected
+
+
+def test_zst_files_are_found_in_folders_and_by_globs(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "deep").mkdir(parents=True)
+    (corpus / "deep" / "b.jsonl.zst").write_bytes(zst(b'{"text": "from b"}\n'))
+    (corpus / "a.txt.zst").write_bytes(zst(b"from a\n"))
+    (corpus / "c.jsonl").write_text('{"text": "from c"}\n')
+    assert documents([str(corpus)]) == [("from a", "a.txt.zst", 1), ("from c", "c.jsonl", 1), ("from b", "b.jsonl.zst", 1)]
+    assert documents([str(corpus / "**" / "*.zst")]) == [("from a", "a.txt.zst", 1), ("from b", "b.jsonl.zst", 1)]
+
+
+def test_a_long_zst_file_cut_short_stops_with_its_name_after_its_complete_lines(tmp_path):
+    records = "".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(2000)).encode()
+    path = tmp_path / "cut.jsonl.zst"
+    whole = zst(records[:20_000], records[20_000:])  # the cut lands in the second frame, past the binary sniff
+    path.write_bytes(whole[:-30])
+    read = []
+    with pytest.raises(ScratchLMError) as error:
+        read.extend(iter_documents(resolve_sources([str(path)])))
+    assert str(error.value).startswith(f"{path}: not a readable zstd file (")
+    assert str(error.value).endswith("; check or recompress it")
+    assert "\n" not in str(error.value)
+    assert read[0].text == "document number 0" and 300 < len(read) < 2000
+    path.write_bytes(whole)
+    assert len(list(iter_documents(resolve_sources([str(path)])))) == 2000
+
+
+BAD_ZST = {
+    # name: (file name, bytes, substrings the one-line message must hold)
+    "plain-bytes": ("renamed.txt.zst", b"plain text, never compressed\n", ["renamed.txt.zst", "not a readable zstd file"]),
+    "truncated": ("torn.jsonl.zst", zst(b'{"text": "a whole line"}\n' * 50)[:-5], ["torn.jsonl.zst", "zstd"]),
+    "trailing-junk": ("junk.jsonl.zst", zst(b'{"text": "ok"}\n') + b"junk", ["junk.jsonl.zst", "zstd"]),
+    "not-utf8": ("latin1.txt.zst", zst("first\n\ncaf\xe9\n".encode("latin-1")),
+                 ["latin1.txt.zst:3", "UTF-8", "--data.errors replace"]),
+    "not-utf8-jsonl": ("l.jsonl.zst", zst(b'{"text": "ok"}\n', b'{"text": "caf\xe9"}\n'), ["l.jsonl.zst:2", "UTF-8"]),
+    "binary": ("blob.txt.zst", zst(b"abc\x00\x01\x02"), ["blob.txt.zst", "looks binary"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ZST))
+def test_bad_zst_input_is_one_line_naming_file_and_line(case, tmp_path):
+    name, content, expected = BAD_ZST[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ScratchLMError) as error:
+        list(iter_documents(resolve_sources([str(path)])))
+    message = str(error.value)
+    assert "\n" not in message
+    for text in expected:
+        assert text in message, message
+
+
+def test_zst_undecodable_bytes_can_be_replaced(tmp_path):
+    path = tmp_path / "latin1.txt.zst"
+    path.write_bytes(zst("caf\xe9 au lait\n".encode("latin-1")))
+    assert documents([str(path)], errors="replace") == [("caf\ufffd au lait", "latin1.txt.zst", 1)]

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from scratchlm.data.sources import Document, Source, describe_sources, first_document, resolve_sources
+from scratchlm.data.prepared import check_tokenizer
 from scratchlm.data.stream import PackedBlocks, split_documents
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import TokenizerInfo
@@ -67,7 +68,7 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            paths: Training text, one path or a list ('[a.jsonl, more/, "b/*.txt"]'): .txt (one document per paragraph), .jsonl[.gz] / .json lines,
+            paths: Training text, one path or a list ('[a.jsonl, more/, "b/*.txt"]'): .txt (one document per paragraph), .jsonl[.gz|.zst] / .json lines,
                 .parquet files, folders, globs, datasets save_to_disk folders, or datasets:NAME[:SPLIT].
                 Unset: the built-in corpus (the Python reference docs shipped with CPython).
             tokenizer: Tokenizer folder (from scratchlm tokenizer train); fit trains one into the
@@ -132,7 +133,8 @@ class TextDataModule(L.LightningDataModule):
         tokenizer_info = TokenizerInfo.load(self.tokenizer)
         self.sources = resolve_sources(self.paths)
         self.val_sources = resolve_sources(self.val_paths, flag="--data.val_paths") if self.val_paths else []
-        options = {"text_field": self.text_field, "errors": self.errors}
+        check_tokenizer(self.sources + self.val_sources, tokenizer_info)
+        options = {"text_field": self.text_field, "errors": self.errors, "token_ids": True}
         first_document(self.sources, **options)
         if self.val_sources:
             first_document(self.val_sources, **options)
@@ -168,13 +170,15 @@ class TextDataModule(L.LightningDataModule):
         if self.val_fraction == 0:
             return False
         held_out = split_documents(
-            self.sources, "val", self.val_fraction, text_field=self.text_field, errors=self.errors
+            self.sources, "val", self.val_fraction, text_field=self.text_field, errors=self.errors, token_ids=True
         )
         return next(held_out, None) is not None
 
     def train_documents(self) -> Iterator[Document]:
         split = "all" if self.val_sources else "train"
-        return split_documents(self.sources, split, self.val_fraction, text_field=self.text_field, errors=self.errors)
+        return split_documents(
+            self.sources, split, self.val_fraction, text_field=self.text_field, errors=self.errors, token_ids=True
+        )
 
     def rank_and_world(self) -> tuple[int, int]:
         """(global rank, world size): from the Trainer when attached, else from an initialised

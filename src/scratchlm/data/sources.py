@@ -1,16 +1,18 @@
 """Where documents come from: paths resolved to sources, and sources streamed as documents.
 
-Nothing here loads a file whole: text files are read line by line, parquet in record batches, a
-``save_to_disk`` folder through its memory-mapped Arrow files, a Hub dataset in streaming mode.
-What counts as a document:
+Nothing here loads a file whole: text files are read line by line (``.gz`` and ``.zst`` ones
+decompressed as they stream), parquet in record batches, a ``save_to_disk`` folder through its
+memory-mapped Arrow files, a Hub dataset in streaming mode. What counts as a document:
 
-- ``.txt`` (also ``.txt.gz``): a paragraph, i.e. a run of non-blank lines; blank or whitespace-only
-  lines separate documents. (A paragraph longer than ``MAX_DOCUMENT_CHARS`` is cut at a line
-  boundary, so one file without blank lines cannot fill memory.)
-- ``.jsonl`` / ``.json`` (JSON lines; also ``.gz``): one JSON object per line, its ``text_field``
-  holding the text. Empty lines are skipped.
+- ``.txt`` (also ``.txt.gz``, ``.txt.zst``): a paragraph, i.e. a run of non-blank lines; blank or
+  whitespace-only lines separate documents. (A paragraph longer than ``MAX_DOCUMENT_CHARS`` is cut
+  at a line boundary, so one file without blank lines cannot fill memory.)
+- ``.jsonl`` / ``.json`` (JSON lines; also ``.gz``, ``.zst``): one JSON object per line, its
+  ``text_field`` holding the text. Empty lines are skipped.
 - ``.parquet``, ``save_to_disk`` folders, ``datasets:NAME[:SPLIT]``: one row, its ``text_field``
   column holding the text.
+- a prepared folder (``scratchlm prepare``, see ``data.prepared``): its documents as token ids,
+  memory-mapped, for the callers that take ids (``iter_documents(..., token_ids=True)``).
 - the built-in corpus: one topic of the Python reference documentation that ships with CPython
   (``pydoc_data.topics``), in topic-name order.
 
@@ -22,11 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 import glob
 import gzip
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 import zlib
+
+import numpy as np
+import zstandard
 
 from scratchlm.errors import ScratchLMError
 
@@ -37,8 +43,9 @@ HUB_PREFIX = "datasets:"
 """Paths that start with this name a dataset for ``datasets.load_dataset``: ``datasets:NAME[:SPLIT]``."""
 
 SUFFIX_KINDS = {
-    ".txt": "text", ".txt.gz": "text",
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl",
+    ".txt": "text", ".txt.gz": "text", ".txt.zst": "text",
+    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl",
+    ".json": "jsonl", ".json.gz": "jsonl", ".json.zst": "jsonl",
     ".parquet": "parquet",
 }
 """File name ending -> how to read it."""
@@ -49,8 +56,11 @@ BINARY_SNIFF = 8192
 MAX_DOCUMENT_CHARS = 1_000_000
 """A ``.txt`` paragraph grows no longer than this; beyond it a new document starts at the next line."""
 
+PREPARED_METADATA = "prepared.json"
+"""The file that marks a folder written by ``scratchlm prepare`` (see ``data.prepared``)."""
+
 Errors = Literal["strict", "replace"]
-SourceKind = Literal["builtin", "text", "jsonl", "parquet", "saved", "hub"]
+SourceKind = Literal["builtin", "text", "jsonl", "parquet", "saved", "hub", "prepared"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +73,14 @@ class Source:
     """File or folder path; the dataset name for ``hub``; ``BUILTIN`` for the built-in corpus."""
     split: str | None = None
     """Split to read (``hub`` only)."""
+    part: int | None = None
+    """Which of the sources a prepared folder was prepared from (``prepared`` only)."""
 
     def __str__(self) -> str:
         if self.kind == "hub":
             return f"{HUB_PREFIX}{self.location}:{self.split}"
+        if self.kind == "prepared":
+            return f"{self.location} (prepared, part {self.part + 1})"
         return "the built-in corpus" if self.kind == "builtin" else self.location
 
 
@@ -79,7 +93,14 @@ class Document:
     source: str
     """The file (or dataset) it came from, as given."""
     line: int
-    """1-based: first line for .txt/.jsonl, row for parquet/datasets, topic number for the built-in corpus."""
+    """1-based: first line for .txt/.jsonl, row for parquet/datasets, topic number for the built-in
+    corpus, document number within its source for a prepared corpus."""
+    ids: np.ndarray | None = None
+    """Token ids, for a document of a prepared corpus (its ``text`` is then empty)."""
+    word_starts: np.ndarray | None = None
+    """Which of ``ids`` begin a word (prepared corpora)."""
+    score: float | None = None
+    """Its ``data.stream.validation_score`` where stored (prepared corpora); else the text gives it."""
 
 
 # --- resolving paths ---------------------------------------------------------------------------
@@ -159,16 +180,22 @@ def resolve_folder(folder: Path, given: str, flag: str) -> list[Source]:
 
 
 def folder_sources(folder: Path) -> list[Source]:
-    """The sources in a folder and its subfolders, sorted by path; hidden entries are skipped, and a
-    ``save_to_disk`` folder is one source (its .json metadata is not text)."""
+    """The sources in a folder and its subfolders, sorted by path; hidden entries are skipped, a
+    ``save_to_disk`` folder is one source (its .json metadata is not text), and a prepared folder
+    is the sources it was prepared from."""
     if is_saved_dataset(folder):
         return [Source("saved", str(folder))]
+    if is_prepared(folder):
+        return prepared_sources(folder)
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for d in [d for d in dirs if is_saved_dataset(Path(root, d))]:
             dirs.remove(d)
             found.append(Source("saved", str(Path(root, d))))
+        for d in [d for d in dirs if is_prepared(Path(root, d))]:
+            dirs.remove(d)
+            found += prepared_sources(Path(root, d))
         for name in files:
             kind = kind_of(Path(name))
             if kind is not None and not name.startswith("."):
@@ -183,6 +210,20 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
 
+def is_prepared(folder: Path) -> bool:
+    """A folder written by ``scratchlm prepare``."""
+    return (folder / PREPARED_METADATA).is_file()
+
+
+def prepared_sources(folder: Path) -> list[Source]:
+    """A prepared folder as sources, one per source it was prepared from, so that the per-epoch
+    order of files is drawn over the same list as for the original files."""
+    from scratchlm.data.prepared import open_prepared  # data.prepared imports this module
+
+    parts = len(open_prepared(folder).source_names)
+    return [Source("prepared", str(folder), part=part) for part in range(parts)]
+
+
 def kind_of(path: Path) -> str | None:
     name = path.name.lower()
     for suffix, kind in SUFFIX_KINDS.items():
@@ -195,33 +236,51 @@ def describe_sources(sources: Sequence[Source], limit: int = 3) -> str:
     """A short human description of a corpus, e.g. for a model card: file names, or the built-in corpus."""
     if [s.kind for s in sources] == ["builtin"]:
         return "built-in corpus (the Python reference documentation shipped with CPython)"
-    names = [Path(s.location).name if s.kind != "hub" else str(s) for s in sources]
+    names = list(dict.fromkeys(source_name(s) for s in sources))
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def source_name(source: Source) -> str:
+    if source.kind == "hub":
+        return str(source)
+    if source.kind == "prepared":
+        from scratchlm.data.prepared import open_prepared  # data.prepared imports this module
+
+        return Path(open_prepared(source.location).source_names[source.part]).name
+    return Path(source.location).name
 
 
 # --- reading documents -------------------------------------------------------------------------
 
 
 def iter_documents(
-    sources: Sequence[Source], *, text_field: str = "text", errors: Errors = "strict"
+    sources: Sequence[Source], *, text_field: str = "text", errors: Errors = "strict", token_ids: bool = False
 ) -> Iterator[Document]:
     """Stream the documents of ``sources`` in order; see the module doc for what a document is.
 
-    ``errors="strict"`` stops at the first line that is not UTF-8; ``"replace"`` reads it with U+FFFD."""
+    ``errors="strict"`` stops at the first line that is not UTF-8; ``"replace"`` reads it with U+FFFD.
+    ``token_ids``: the caller takes token ids, so a prepared corpus may be among the sources (its
+    documents come with ``ids`` and no text); otherwise one is refused, naming it."""
     if errors not in ("strict", "replace"):
         raise ScratchLMError(f"--data.errors={errors!r}: choose strict or replace")
     for source in sources:
+        if source.kind == "prepared" and not token_ids:
+            raise ScratchLMError(
+                f"{source.location} is a prepared corpus (token ids), and this step reads text; pass "
+                f"the files it was prepared from instead (its {PREPARED_METADATA} lists them)"
+            )
         for document in READERS[source.kind](source, text_field, errors):
-            if document.text and not document.text.isspace():
+            if document.ids is not None or (document.text and not document.text.isspace()):
                 yield document
 
 
 def first_document(
-    sources: Sequence[Source], *, text_field: str = "text", errors: Errors = "strict"
+    sources: Sequence[Source], *, text_field: str = "text", errors: Errors = "strict", token_ids: bool = False
 ) -> Document:
-    """The corpus's first document: a cheap check, before training, that there is any text."""
-    for document in iter_documents(sources, text_field=text_field, errors=errors):
+    """The corpus's first document: a cheap check, before training, that there is any text
+    (``token_ids``: as ``iter_documents``)."""
+    for document in iter_documents(sources, text_field=text_field, errors=errors, token_ids=token_ids):
         return document
     shown = ", ".join(map(str, sources[:3])) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
     raise ScratchLMError(
@@ -337,6 +396,13 @@ def read_hub(source: Source, text_field: str, errors: Errors) -> Iterator[Docume
         yield Document(text_of(record, f"{where} row {row}", text_field, "row"), where, row)
 
 
+def read_prepared(source: Source, text_field: str, errors: Errors) -> Iterator[Document]:
+    """One part of a prepared corpus: documents as token ids, memory-mapped (see ``data.prepared``)."""
+    from scratchlm.data.prepared import open_prepared  # data.prepared imports this module
+
+    return open_prepared(source.location).documents(source.part)
+
+
 READERS: dict[str, Callable[[Source, str, Errors], Iterator[Document]]] = {
     "builtin": read_builtin,
     "text": read_text,
@@ -344,6 +410,7 @@ READERS: dict[str, Callable[[Source, str, Errors], Iterator[Document]]] = {
     "parquet": read_parquet,
     "saved": read_saved,
     "hub": read_hub,
+    "prepared": read_prepared,
 }
 """Source kind -> reader yielding its documents (possibly blank; ``iter_documents`` drops those)."""
 
@@ -359,8 +426,8 @@ def decoded_lines(path: str, errors: Errors) -> Iterator[tuple[int, str]]:
         with open_binary(path) as stream:
             for number, raw in enumerate(stream, start=1):
                 yield number, decode_line(raw, path, number, errors)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ScratchLMError(f"{path}: not a readable gzip file ({reason(error)}); check or recompress it") from None
+    except DECOMPRESSION_ERRORS as error:
+        raise unreadable_compressed(path, error) from None
 
 
 def decode_line(raw: bytes, path: str, number: int, errors: Errors) -> str:
@@ -375,16 +442,80 @@ def decode_line(raw: bytes, path: str, number: int, errors: Errors) -> str:
     return text[1:] if number == 1 and text.startswith("\ufeff") else text
 
 
-def open_binary(path: str):
-    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+def open_binary(path: str) -> io.BufferedIOBase:
+    """The file's bytes, decompressed as they are read for ``.gz`` and ``.zst``; iterating yields
+    lines. A damaged compressed file raises one of ``DECOMPRESSION_ERRORS`` while it is read."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        return io.BufferedReader(ZstdReader(path))
+    return open(path, "rb")
+
+
+class ZstdReader(io.RawIOBase):
+    """A ``.zst`` file's decompressed bytes, streamed frame after frame (a file may hold several).
+
+    Built on zstandard's ``decompressobj`` rather than its ``stream_reader``: the latter ends
+    quietly when the file ends inside a frame (zstandard 0.25), so a truncated download would lose
+    its tail unnoticed. Here that raises EOFError, as gzip does. A frame is complete when its
+    decompressor reports ``eof`` (zstd returns 0 exactly at a frame's end: facebook/zstd#1109)."""
+
+    READ_SIZE = 1 << 16
+    """Compressed bytes read from the file at a time."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.file = open(path, "rb")  # noqa: SIM115  (held open while streaming; closed in close())
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame: Any = None  # the current frame's decompressobj; None before the first byte
+        self.ready = memoryview(b"")  # decompressed, not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.ready:
+            compressed = self.file.read(self.READ_SIZE)
+            if not compressed:
+                if self.frame is not None and not self.frame.eof:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            self.ready = memoryview(self.decompress(compressed))
+        size = min(len(buffer), len(self.ready))
+        buffer[:size] = self.ready[:size]
+        self.ready = self.ready[size:]
+        return size
+
+    def decompress(self, compressed: bytes) -> bytes:
+        parts = []
+        while compressed:
+            if self.frame is None or self.frame.eof:
+                self.frame = self.decompressor.decompressobj()
+            parts.append(self.frame.decompress(compressed))
+            compressed = self.frame.unused_data if self.frame.eof else b""  # the next frame's start
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+DECOMPRESSION_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, zstandard.ZstdError)
+"""What reading a damaged, truncated or mislabelled ``.gz`` or ``.zst`` file raises."""
+
+
+def unreadable_compressed(path: str, error: BaseException) -> ScratchLMError:
+    codec = "zstd" if path.lower().endswith(".zst") else "gzip"
+    return ScratchLMError(f"{path}: not a readable {codec} file ({reason(error)}); check or recompress it")
 
 
 def check_not_binary(path: str) -> None:
     try:
         with open_binary(path) as stream:
             head = stream.read(BINARY_SNIFF)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ScratchLMError(f"{path}: not a readable gzip file ({reason(error)}); check or recompress it") from None
+    except DECOMPRESSION_ERRORS as error:
+        raise unreadable_compressed(path, error) from None
     if b"\x00" in head:
         raise ScratchLMError(
             f"{path}: looks binary (NUL bytes in its first {BINARY_SNIFF // 1024} KiB), not text; "

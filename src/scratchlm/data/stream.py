@@ -4,7 +4,7 @@ Every (rank, DataLoader worker) pair is one *shard*. All shards read the same do
 shard ``s`` of ``S`` keeps the documents of its split whose index in that split is ``s`` modulo
 ``S``, so each document is tokenized by exactly one shard, none is skipped, and the assignment is
 the same on every run and machine. Tokenization runs inside ``__iter__``, so in the DataLoader
-workers, in batches.
+workers, in batches; the documents of a prepared corpus (``data.prepared``) come tokenized already.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,18 +32,20 @@ def validation_score(text: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def in_split(text: str, split: Split, val_fraction: float) -> bool:
+def in_split(document: Document, split: Split, val_fraction: float) -> bool:
     if split == "all":
         return True
-    return (validation_score(text) < val_fraction) == (split == "val")
+    score = validation_score(document.text) if document.score is None else document.score
+    return (score < val_fraction) == (split == "val")
 
 
 def split_documents(
-    sources: Sequence[Source], split: Split, val_fraction: float, *, text_field: str, errors: Errors
+    sources: Sequence[Source], split: Split, val_fraction: float, *, text_field: str, errors: Errors,
+    token_ids: bool = False,
 ) -> Iterator[Document]:
-    """The documents of one split, in corpus order."""
-    for document in iter_documents(sources, text_field=text_field, errors=errors):
-        if in_split(document.text, split, val_fraction):
+    """The documents of one split, in corpus order (``token_ids``: as ``iter_documents``)."""
+    for document in iter_documents(sources, text_field=text_field, errors=errors, token_ids=token_ids):
+        if in_split(document, split, val_fraction):
             yield document
 
 
@@ -78,6 +80,31 @@ def tokenize(
                 if starts is not None:
                     starts = np.append(starts, True)
             yield ids, starts
+
+
+def token_ids(
+    documents: Iterable[Document], tokenizer: Tokenizer, separator: int | None, batch_size: int,
+    word_starts: bool = False,
+) -> Iterator[tuple[np.ndarray | list[int], np.ndarray | None]]:
+    """What :func:`tokenize` yields, for each document in order: a prepared document's stored ids
+    and word starts, the others' text tokenized in batches."""
+    texts: list[str] = []
+    for document in documents:
+        if document.ids is None:
+            texts.append(document.text)
+            if len(texts) == batch_size:
+                yield from tokenize(texts, tokenizer, separator, batch_size, word_starts)
+                texts = []
+            continue
+        yield from tokenize(texts, tokenizer, separator, batch_size, word_starts)
+        texts = []
+        yield document.ids, document.word_starts if word_starts else None
+    yield from tokenize(texts, tokenizer, separator, batch_size, word_starts)
+
+
+def document_separator(info: TokenizerInfo) -> int | None:
+    """The token that closes every packed document: end-of-text, else [SEP]."""
+    return info.eos_id if info.eos_id is not None else info.sep_id
 
 
 def starts_of_words(word_ids: list[int | None]) -> np.ndarray:
@@ -211,30 +238,30 @@ class PackedBlocks(IterableDataset):
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         info = self.tokenizer_info
         tokenizer = info.tokenizer()
-        separator = info.eos_id if info.eos_id is not None else info.sep_id
+        separator = document_separator(info)
         packer = Packer(self.block_size, first_not_none(info.pad_id, info.eos_id, 0), self.word_starts)
         for epoch in itertools.count() if self.epochs is None else range(self.epochs):
-            texts = CountingIterator(self.shard_texts(epoch, shard, num_shards))
-            documents = tokenize(texts, tokenizer, separator, self.tokenize_batch, self.word_starts)
-            blocks = (block for ids, starts in documents for block in packer.add(ids, starts))
+            documents = CountingIterator(self.shard_documents(epoch, shard, num_shards))
+            encoded = token_ids(documents, tokenizer, separator, self.tokenize_batch, self.word_starts)
+            blocks = (block for ids, starts in encoded for block in packer.add(ids, starts))
             if self.shuffles:
                 blocks = shuffle_blocks(blocks, self.shuffle_buffer, self.rng(epoch, shard))
             yield from blocks
-            if texts.count == 0:
+            if documents.count == 0:
                 return  # this shard has no documents: repeating nothing forever would hang the loader
         last = packer.flush()
         if last is not None:
             yield last
 
-    def shard_texts(self, epoch: int, shard: int, num_shards: int) -> Iterator[str]:
+    def shard_documents(self, epoch: int, shard: int, num_shards: int) -> Iterator[Document]:
         """This shard's documents of the split, for one epoch."""
         documents = split_documents(
             self.epoch_sources(epoch), self.split, self.val_fraction,
-            text_field=self.text_field, errors=self.errors,
+            text_field=self.text_field, errors=self.errors, token_ids=True,
         )
         for index, document in enumerate(documents):
             if index % num_shards == shard:
-                yield document.text
+                yield document
 
     def epoch_sources(self, epoch: int) -> list[Source]:
         """The files in a fresh order each training epoch; the order depends on (seed, epoch) only,

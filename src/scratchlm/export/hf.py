@@ -1,7 +1,8 @@
 """Writing a model as a Hugging Face folder, atomically, and proving the folder computes the same logits.
 
 The per-family knowledge (HF names, layouts, config fields) lives in ``export/<family>.py``; this
-module holds what every family shares: the folder layout, the atomic write and the parity check.
+module holds what every family shares: the folder layout, the atomic write (through
+``scratchlm.folders``) and the parity check.
 """
 
 from collections.abc import Callable
@@ -10,9 +11,7 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
-import shutil
 from typing import Any
-import uuid
 
 from safetensors.torch import save_file
 import torch
@@ -22,6 +21,7 @@ import transformers
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import bart, bert, gpt2, llama, modernbert, t5
 from scratchlm.export.card import model_card
+from scratchlm.folders import flush_to_disk, replace_folder, staging_folder
 from scratchlm.models import get_family
 from scratchlm.tokenizer import TOKENIZER_FILES
 
@@ -283,50 +283,6 @@ def check_destination(out: Path, overwrite: bool) -> None:
             f"export folder {out} holds files that are not an export's ({shown}); --overwrite replaces "
             "only a previous export, so choose another folder"
         )
-
-
-# --- atomic folder replacement -------------------------------------------------------------------
-
-
-@contextmanager
-def staging_folder(out: Path):
-    """A fresh hidden sibling of ``out`` (same filesystem, so renames are atomic), removed on
-    the way out unless it has become ``out``."""
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def flush_to_disk(folder: Path) -> None:
-    """fsync every file, then the folder: after a power loss the renamed folder must not turn out
-    to hold empty or torn files (the rename can reach the disk before the data does)."""
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Put the complete folder ``new`` at ``out``; the old ``out``, if any, is deleted only after."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- verification --------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Folders written whole or not at all: built in a hidden sibling, flushed, then renamed into place.
+
+An export, a prepared corpus: whatever a crash or a kill interrupts, the folder a user points at is
+either the previous complete one or the new complete one, never a mix.
+"""
+
+from contextlib import contextmanager
+import os
+from pathlib import Path
+import shutil
+import uuid
+
+
+@contextmanager
+def staging_folder(out: Path):
+    """A fresh hidden sibling of ``out`` (same filesystem, so renames are atomic), removed on
+    the way out unless it has become ``out``."""
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def flush_to_disk(folder: Path) -> None:
+    """fsync every file (subfolders too), then the folders: after a power loss the renamed folder
+    must not turn out to hold empty or torn files (the rename can reach the disk before the data does)."""
+    for path in folder.iterdir():
+        if path.is_dir():
+            flush_to_disk(path)
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the complete folder ``new`` at ``out``; the old ``out``, if any, is deleted only after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
