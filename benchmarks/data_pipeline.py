@@ -6,6 +6,10 @@ batch comes out of a real ``torch.utils.data.DataLoader``:
 - ``scratchlm``: ``TextDataModule`` (read line by line, tokenize in the loader workers with batched
   ``tokenizers`` calls, pack into blocks, shuffle in a 64-block buffer) with ``MaskedLM.collate`` as
   the collate function (15% masking, 80/10/10), as ``scratchlm fit`` builds it, over one epoch.
+- ``prepared``: the same, reading the corpus as ``scratchlm prepare`` wrote it (token ids,
+  memory-mapped: no decoding or tokenizing in the loop). The preparing itself happens first, in
+  the parent process, and gets a ``# prepare`` line of its own (tokens/s, seconds); once per
+  corpus, it is not part of the route's time, as it is not part of a training run's.
 - ``hf``: the route of transformers' ``examples/pytorch/language-modeling/run_mlm.py``:
   ``datasets.load_dataset("json", ...)``, ``.map(tokenize, batched=True, num_proc=W)`` (special
   tokens mask kept), ``.map(group_texts, batched=True, num_proc=W)`` (concatenate 1000 documents
@@ -54,7 +58,7 @@ import tempfile
 import threading
 import time
 
-ROUTES = ("scratchlm", "hf")
+ROUTES = ("scratchlm", "prepared", "hf")
 """The routes, in print order."""
 
 TOKENIZER_SAMPLE_CHARS = 2_000_000
@@ -227,6 +231,23 @@ def hf_loader(file: str, tokenizer_dir: str, workers: int, block_size: int, batc
     return DataLoader(blocks, batch_size=batch_size, shuffle=True, collate_fn=collator, num_workers=workers)
 
 
+def prepared_folder(file: Path) -> Path:
+    return file.with_name(file.name.split(".")[0] + "-prepared")
+
+
+def prepare_line(file: Path, tokenizer: Path, scale: int) -> str:
+    """Prepare ``file`` into ``prepared_folder(file)``, timed."""
+    from scratchlm.data.prepared import prepare_corpus
+
+    start = time.perf_counter()
+    metadata = prepare_corpus([str(file)], tokenizer, prepared_folder(file))
+    seconds = time.perf_counter() - start
+    return (
+        f"# prepare corpus={scale}x tokens={metadata['tokens']} seconds={seconds:.2f} "
+        f"tok_s={metadata['tokens'] / seconds:.0f} (document tokens, before packing) load={load_average()}"
+    )
+
+
 def run_case(spec: dict) -> dict:
     """Build one route's loader, drain it, and measure; ``spec`` as ``measure`` makes it."""
     cache = spec["cache"]
@@ -246,7 +267,7 @@ def run_case(spec: dict) -> dict:
     tree.start()
     start = time.perf_counter()
     args = (spec["file"], spec["tokenizer"], spec["workers"], spec["block_size"], spec["batch_size"])
-    if spec["route"] == "scratchlm":
+    if spec["route"] in ("scratchlm", "prepared"):
         loader = scratchlm_loader(*args)
     else:
         loader = hf_loader(*args, cache=os.environ["HF_DATASETS_CACHE"])
@@ -263,7 +284,7 @@ def measure(route: str, workers: int, scale: int, file: Path, args, tmp: Path) -
     """Run one case in a fresh Python process and return its measurements."""
     cache = tempfile.mkdtemp(prefix=f"hf-cache-{route}-{workers}-{scale}x-", dir=tmp)
     spec = dict(
-        route=route, workers=workers, file=str(file), tokenizer=str(args.tokenizer), block_size=args.block_size,
+        route=route, workers=workers, file=str(prepared_folder(file) if route == "prepared" else file), tokenizer=str(args.tokenizer), block_size=args.block_size,
         batch_size=args.batch_size, cache=cache,
     )
     done = subprocess.run(
@@ -374,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
             f"tokenizer={args.tokenizer if args.tokenizer.parent != tmp else 'WordPiece 8192, trained on the corpus'}",
             flush=True,
         )
+        if "prepared" in args.route:
+            for scale in sorted(set(args.scales)):
+                print(prepare_line(files[scale], args.tokenizer, scale), flush=True)
         for scale in sorted(set(args.scales)):
             workers = args.workers if scale == 1 else [max(args.workers)]
             for route in args.route:

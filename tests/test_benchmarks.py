@@ -21,7 +21,7 @@ THROUGHPUT_LINE = re.compile(
     rf"ratio=({NUMBER}) mfu=({NUMBER})"
 )
 DATA_LINE = re.compile(
-    rf"route=(scratchlm|hf) workers=(\d+) tok_s=({NUMBER}) peak_rss_mb=({NUMBER}) "
+    rf"route=(scratchlm|prepared|hf) workers=(\d+) tok_s=({NUMBER}) peak_rss_mb=({NUMBER}) "
     rf"worker_peak_rss_mb=({NUMBER}) tree_peak_pss_mb=({NUMBER}) corpus=(\d+)x tokens=(\d+) .*"
 )
 
@@ -161,9 +161,11 @@ def test_data_pipeline_prints_one_line_per_case(tmp_path, capsys):
     assert output.startswith("# cpu=")
     matches = [DATA_LINE.fullmatch(line) for line in body_lines(output)]
     assert all(matches), output
-    assert [(m[1], m[2], m[7]) for m in matches] == [("scratchlm", "0", "1"), ("hf", "0", "1")]
+    assert [(m[1], m[2], m[7]) for m in matches] == [("scratchlm", "0", "1"), ("prepared", "0", "1"), ("hf", "0", "1")]
     for m in matches:
         assert float(m[3]) > 0 and float(m[4]) > 0 and int(m[8]) > 0
+    assert matches[0][8] == matches[1][8], "the prepared corpus streams the same blocks"
+    assert re.search(rf"^# prepare corpus=1x tokens=\d+ seconds={NUMBER} tok_s={NUMBER} ", output, re.MULTILINE)
 
 
 def test_data_pipeline_scaled_corpus_repeats_the_documents(tmp_path):

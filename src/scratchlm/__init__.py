@@ -1,7 +1,7 @@
 """scratchlm: pre-train small Transformer language models from scratch and export them to
 Hugging Face folders that the stock ``transformers`` classes load."""
 
-from scratchlm.data import TextDataModule
+from scratchlm.data import TextDataModule, prepare_corpus
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import FAMILIES, build_config, build_model
@@ -24,6 +24,7 @@ __all__ = [
     "TrainedModel",
     "build_config",
     "build_model",
+    "prepare_corpus",
     "export_hf",
     "train_tokenizer",
     "verify_export",

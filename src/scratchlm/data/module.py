@@ -68,11 +68,13 @@ class TextDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            paths: Training text, one path or a list ('[a.jsonl, more/, "b/*.txt"]'): .txt (one document per paragraph), .jsonl[.gz|.zst] / .json lines,
-                .parquet files, folders, globs, datasets save_to_disk folders, or datasets:NAME[:SPLIT].
-                Unset: the built-in corpus (the Python reference docs shipped with CPython).
-            tokenizer: Tokenizer folder (from scratchlm tokenizer train); fit trains one into the
-                run folder when unset.
+            paths: Training text, one path or a list ('[a.jsonl, more/, "b/*.txt"]'): .txt (one
+                document per paragraph), .jsonl[.gz|.zst] / .json lines, .parquet files, folders,
+                globs, datasets save_to_disk folders, datasets:NAME[:SPLIT], or folders written by
+                scratchlm prepare (token ids). Unset: the built-in corpus (the Python reference
+                docs shipped with CPython).
+            tokenizer: Tokenizer folder (from scratchlm tokenizer train); when unset, fit takes
+                the tokenizer of a prepared corpus in paths, or trains one into the run folder.
             val_paths: Separate validation text, in the same forms as paths. Unset: hold out
                 val_fraction of the training documents instead.
             val_fraction: Share of documents held out for validation when val_paths is unset,
