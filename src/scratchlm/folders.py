@@ -4,11 +4,37 @@ An export, a prepared corpus: whatever a crash or a kill interrupts, the folder 
 either the previous complete one or the new complete one, never a mix.
 """
 
+from collections.abc import Collection
 from contextlib import contextmanager
 import os
 from pathlib import Path
 import shutil
 import uuid
+
+from scratchlm.errors import ScratchLMError
+
+
+def check_destination(
+    out: Path, *, label: str, what: str, owned: Collection[str], overwrite_flag: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Refuse an ``out`` that writing ``what`` there would damage, before anything is written: a
+    file in its place; a folder holding any entry whose name is not in ``owned`` (the user's files,
+    a run folder with its checkpoints, another tool's output), whatever the flags say, since the
+    whole folder is replaced; and, where the writer asks first (``overwrite_flag``), a previous
+    output of its own without that flag. Messages call the folder ``label`` ("export folder")."""
+    if out.exists() and not out.is_dir():
+        raise ScratchLMError(f"{label} {out} is a file; choose a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in owned)
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ScratchLMError(
+            f"{label} {out} holds files that are not {what}'s ({shown}); choose another folder"
+        )
+    if overwrite_flag is not None and not overwrite:
+        raise ScratchLMError(f"{label} {out} holds {what}; pass {overwrite_flag} to replace it, or choose another folder")
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from typing import Literal
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.folders import check_destination
 
 Kind = Literal["bpe", "wordpiece", "unigram"]
 
@@ -352,8 +353,7 @@ def write_tokenizer_files(files: dict[str, str], out_dir: str | Path) -> None:
 def replace_dir(files: dict[str, str], out_dir: Path) -> Path:
     """Make ``out_dir`` hold exactly ``files``, switching folders by rename so a crash never
     leaves a half-written tokenizer where a good one was."""
-    if out_dir.exists():
-        check_replaceable(out_dir)
+    check_destination(out_dir, label="tokenizer output", what="a tokenizer", owned=TOKENIZER_FILES)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private to us; the folder it becomes should not be
@@ -369,17 +369,6 @@ def replace_dir(files: dict[str, str], out_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def check_replaceable(out_dir: Path) -> None:
-    if not out_dir.is_dir():
-        raise ScratchLMError(f"tokenizer output {out_dir} is a file; choose a folder path")
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in TOKENIZER_FILES)
-    if others:
-        raise ScratchLMError(
-            f"tokenizer output {out_dir} holds other files ({', '.join(others[:3])}); "
-            "choose a new or empty folder"
-        )
 
 
 # --- reading -----------------------------------------------------------------------------------

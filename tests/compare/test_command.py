@@ -158,10 +158,15 @@ def test_a_missing_probe_file_or_label_field_is_one_clear_error(tmp_path, capsys
     assert "topics.jsonl:1" in message and "'label'" in message and "--probe.label_field" in message
 
 
-def test_a_non_empty_out_folder_needs_overwrite(tmp_path, capsys):
-    (tmp_path / "old.txt").write_text("keep me")
-    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(tmp_path))
-    assert str(tmp_path) in message and "--overwrite" in message
+def test_a_previous_comparison_needs_overwrite_and_other_files_are_named(tmp_path, capsys):
+    before = a_previous_comparison(tmp_path / "old")
+    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(tmp_path / "old"))
+    assert str(tmp_path / "old") in message and "pass --overwrite true" in message
+    assert snapshot(tmp_path / "old") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "old.txt").write_text("keep me")
+    message = error_of(capsys, "--config", str(RECIPES / "compare" / "mlm-vs-clm-tiny.yaml"), "--out", str(tmp_path / "mine"))
+    assert "(old.txt)" in message and "--overwrite" not in message  # it would not help
 
 
 def a_previous_comparison(out: Path) -> dict[str, bytes]:

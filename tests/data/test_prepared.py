@@ -82,7 +82,7 @@ def test_prepare_replaces_only_a_prepared_corpus_and_only_when_it_completes(corp
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ScratchLMError, match="holds no prepared corpus"):
+    with pytest.raises(ScratchLMError, match=r"holds files that are not a prepared corpus's \(notes\.txt\)"):
         prepared.prepare_corpus(files, tokenizer, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
 

@@ -184,7 +184,7 @@ def test_non_empty_folder_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "hf"
     export(model, "gpt2", out)
     before = snapshot(out)
-    with pytest.raises(ScratchLMError, match=r"is not empty; pass --overwrite or choose another folder"):
+    with pytest.raises(ScratchLMError, match=r"holds an export; pass --overwrite to replace it, or choose another folder"):
         export(scrambled("gpt2"), "gpt2", out)
     assert snapshot(out) == before
 

@@ -36,6 +36,7 @@ from scratchlm.compare.probe_data import ProbeSet, load_probe_set
 from scratchlm.compare.report import build_metrics, versions, write_metrics, write_report
 from scratchlm.data import describe_sources, resolve_sources
 from scratchlm.errors import ScratchLMError
+from scratchlm.folders import check_destination
 from scratchlm.objectives.span import noise_counts
 from scratchlm.tokenizer import SENTINEL, TokenizerInfo, train_tokenizer
 from scratchlm.training import TrainedModel
@@ -92,7 +93,10 @@ def run_comparison(config: CompareConfig, recipe: str = "") -> Path:
     Returns the path of ``report.md``."""
     config.check()
     out = Path(config.out).resolve()
-    check_out(out, config.overwrite)
+    check_destination(
+        out, label="--out", what="a comparison", owned=OUTPUTS, overwrite_flag="--overwrite true",
+        overwrite=config.overwrite,
+    )
     probe_set = load_probe_set(config.probe)  # a bad probe file stops before any training
     # Until every arm is known to build and fit its budget, OUT stays as it was: a tokenizer
     # trained here waits in a hidden sibling folder.
@@ -123,23 +127,6 @@ OUTPUTS = frozenset({"report.md", "metrics.json", "loss_vs_tokens.png", "loss_vs
 """What a comparison writes into OUT: all that ``--overwrite true`` may replace."""
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an OUT that is a file, that is not empty (without ``overwrite``), or that holds
-    anything a comparison does not write (even with it)."""
-    if out.exists() and not out.is_dir():
-        raise ScratchLMError(f"--out {out} is a file; choose a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise ScratchLMError(f"--out {out} is not empty; pass --overwrite true or choose another folder")
-    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
-    if others:
-        raise ScratchLMError(
-            f"--out {out} holds files that a comparison does not write ({', '.join(others[:4])}); "
-            "--overwrite true replaces only a previous comparison, so choose another folder"
-        )
-
-
 @contextmanager
 def staging_tokenizer(config: CompareConfig, out: Path):
     """The tokenizer every arm uses: the one given, or one trained once on the corpus into a
@@ -163,7 +150,7 @@ def staging_tokenizer(config: CompareConfig, out: Path):
 
 
 def clear_out(out: Path, keep: Path | None) -> None:
-    """Remove a previous comparison's outputs from OUT (``check_out`` allowed it), or create it;
+    """Remove a previous comparison's outputs from OUT (``check_destination`` allowed it), or create it;
     ``keep`` (a given tokenizer, which may be the previous comparison's) stays."""
     out.mkdir(parents=True, exist_ok=True)
     keep = None if keep is None else keep.resolve()

@@ -38,13 +38,12 @@ from scratchlm.data.sources import (
     Errors,
     Source,
     first_document,
-    is_prepared,
     iter_documents,
     resolve_sources,
 )
 from scratchlm.data.stream import document_separator, tokenize, validation_score
 from scratchlm.errors import ScratchLMError
-from scratchlm.folders import flush_to_disk, replace_folder, staging_folder
+from scratchlm.folders import check_destination, flush_to_disk, replace_folder, staging_folder
 from scratchlm.tokenizer import TokenizerInfo, write_tokenizer_files
 
 FORMAT = "scratchlm-prepared"
@@ -121,7 +120,10 @@ def prepare_corpus(
     else. ``progress(documents, tokens, seconds)`` is called after each batch."""
     info = TokenizerInfo.load(tokenizer)
     out = Path(out_dir).resolve()
-    check_destination(out, overwrite)
+    check_destination(
+        out, label="prepare output", what="a prepared corpus", owned={PREPARED_METADATA, "tokenizer", *FILES.values()},
+        overwrite_flag="--overwrite", overwrite=overwrite,
+    )
     sources = resolve_sources(paths)
     first_document(sources, text_field=text_field, errors=errors)  # fails before writing anything
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,21 +162,6 @@ def prepare_corpus(
         flush_to_disk(staging)
         replace_folder(staging, out)
     return metadata
-
-
-def check_destination(out: Path, overwrite: bool) -> None:
-    """Refuse to write over a file, a non-empty folder without ``overwrite``, or (even with it) a
-    folder that is not a prepared corpus."""
-    if out.exists() and not out.is_dir():
-        raise ScratchLMError(f"prepare output {out} is a file; choose a folder path")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not is_prepared(out):
-        raise ScratchLMError(
-            f"prepare output {out} is not empty and holds no prepared corpus; choose a new or empty folder"
-        )
-    if not overwrite:
-        raise ScratchLMError(f"prepare output {out} holds a prepared corpus; pass --overwrite to replace it")
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import transformers
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import bart, bert, gpt2, llama, modernbert, t5
 from scratchlm.export.card import model_card
-from scratchlm.folders import flush_to_disk, replace_folder, staging_folder
+from scratchlm.folders import check_destination, flush_to_disk, replace_folder, staging_folder
 from scratchlm.models import get_family
 from scratchlm.tokenizer import TOKENIZER_FILES
 
@@ -152,7 +152,12 @@ def export_hf(
     check_special_ids(special_ids, model.config.vocab_size)
     check_tokenizer_names(tokenizer_files or {})
     out = Path(out_dir).resolve()
-    check_destination(out, overwrite)
+    # Only a previous export is replaced: a run folder, a fine-tuned model or the user's own files
+    # are refused, even with --overwrite, since the whole folder goes.
+    check_destination(
+        out, label="export folder", what="an export", owned=WRITTEN_BY_US | set(TOKENIZER_FILES),
+        overwrite_flag="--overwrite", overwrite=overwrite,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging_folder(out) as staging:
         write_folder(staging, model, family, target, tokenizer_files or {}, special_ids, card)
@@ -262,27 +267,6 @@ def check_tokenizer_names(tokenizer_files: dict[str, str]) -> None:
             raise ScratchLMError(f"tokenizer file name {name!r}: must be a plain file name, without folders")
         if name in WRITTEN_BY_US:
             raise ScratchLMError(f"tokenizer file name {name!r} would replace the export's own {name}; rename it")
-
-
-def check_destination(out: Path, overwrite: bool) -> None:
-    """Refuse a destination that the export would damage: a file; a non-empty folder without
-    ``overwrite``; and, even with it, a folder holding anything an export does not write (a run
-    folder with its checkpoints, a fine-tuned model, the user's own files), since the export
-    replaces the whole folder."""
-    if out.exists() and not out.is_dir():
-        raise ScratchLMError(f"export folder {out} is a file; choose another folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise ScratchLMError(f"export folder {out} is not empty; pass --overwrite or choose another folder")
-    exported = WRITTEN_BY_US | set(TOKENIZER_FILES)
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in exported or p.is_dir())
-    if others:
-        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
-        raise ScratchLMError(
-            f"export folder {out} holds files that are not an export's ({shown}); --overwrite replaces "
-            "only a previous export, so choose another folder"
-        )
 
 
 # --- verification --------------------------------------------------------------------------------
