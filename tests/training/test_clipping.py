@@ -56,3 +56,26 @@ def test_without_clipping_the_gradients_are_left_alone(tokenizer, tmp_path):
     norms = GradNorms()
     fit(module, tokenizer, tmp_path, steps=2, callbacks=[norms], precision="bf16-mixed")
     assert min(norms.norms) > 1e-2
+
+
+class LoggedNorms(L.Callback):
+    """``train/grad_norm`` as logged, each step."""
+
+    def __init__(self) -> None:
+        self.values = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics["train/grad_norm"]))
+
+
+def test_the_logged_gradient_norm_is_the_one_before_clipping(tokenizer, tmp_path):
+    """Clipping reuses the norm the step logs; the log shows what the gradients were, the
+    optimizer gets them clipped."""
+    unclipped, clipped = GradNorms(), GradNorms()
+    logged = LoggedNorms()
+    for root, callbacks, clip in [("a", [unclipped], None), ("b", [clipped, logged], 1e-3)]:
+        torch.manual_seed(0)
+        fit(PretrainModule(tokenizer, family="gpt2", arch=ARCH), tokenizer, tmp_path / root, steps=1,
+            callbacks=callbacks, gradient_clip_val=clip)
+    assert logged.values[0] == pytest.approx(unclipped.norms[0], rel=1e-4)  # the same first batch and weights
+    assert clipped.norms[0] == pytest.approx(1e-3, rel=1e-3) and logged.values[0] > 1e-2

@@ -114,6 +114,7 @@ class PretrainModule(L.LightningModule):
         self.tokens_seen = 0
         self.max_bad_steps = max_bad_steps
         self.guard = NonFiniteGuard()
+        self._grad_norm: torch.Tensor | None = None  # this step's, before clipping
         self._finite_loss: torch.Tensor | None = None
         self._checked_at = -1
         self.compile = compile
@@ -228,13 +229,17 @@ class PretrainModule(L.LightningModule):
         """Skip the update when the loss (of any micro-batch) or the gradients are not finite.
         Fused AdamW skips it on the device (``found_inf``), so the step never waits for the
         answer; any other optimizer gets its grads cleared, and AdamW then leaves each parameter
-        and its moments as they were."""
+        and its moments as they were. The gradients' total norm, computed for that, is logged
+        (``train/grad_norm``, before clipping) and reused by the clipping."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite, self._finite_loss = self._finite_loss, None
         if finite is None:
             finite = torch.ones((), dtype=torch.bool, device=self.device)
-        if grads:  # the total norm is not finite when any gradient holds a NaN or an inf
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if self._grad_norm is not None:  # not finite when any gradient holds a NaN or an inf
+            finite = finite & torch.isfinite(self._grad_norm)
+            if not (self.scaled_gradients() and optimizer.defaults.get("fused")):  # those are still scaled
+                self.log("train/grad_norm", self._grad_norm)
         # Every rank takes the same decision (a loss can be bad on one rank alone): a collective,
         # not a host read; the identity on one device.
         bad = self.trainer.strategy.reduce((~finite).float(), reduce_op="max") > 0
@@ -328,6 +333,9 @@ class PretrainModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        elif self._grad_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+            # The norm of the same gradients, from on_before_optimizer_step: one pass over them saved.
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
