@@ -333,7 +333,7 @@ class PretrainModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        elif self._grad_norm is not None and hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        elif self._grad_norm is not None:
             # The norm of the same gradients, from on_before_optimizer_step: one pass over them saved.
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
         else:
