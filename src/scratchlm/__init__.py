@@ -24,8 +24,8 @@ __all__ = [
     "TrainedModel",
     "build_config",
     "build_model",
-    "prepare_corpus",
     "export_hf",
+    "prepare_corpus",
     "train_tokenizer",
     "verify_export",
 ]

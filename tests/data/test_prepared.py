@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from runs import run_cli
-from scratchlm.data import TextDataModule
-from scratchlm.data import prepared
+from scratchlm.data import TextDataModule, prepared
 from scratchlm.data.sources import resolve_sources
 from scratchlm.data.stream import PackedBlocks
 from scratchlm.errors import ScratchLMError

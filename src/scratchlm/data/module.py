@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from scratchlm.data.sources import Document, Source, describe_sources, first_document, resolve_sources
 from scratchlm.data.prepared import check_tokenizer
+from scratchlm.data.sources import Document, Source, describe_sources, first_document, resolve_sources
 from scratchlm.data.stream import PackedBlocks, split_documents
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import TokenizerInfo
