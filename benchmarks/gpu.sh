@@ -8,7 +8,7 @@
 # (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against Liger-Kernel's), tests
 # (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the fused loss
 # under bf16, a bf16 fit on the GPU), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
-# training logs, loop and data loader included), syncs (the training steps of tests/test_cuda.py run
+# training logs, loop and data loader included, on the corpus prepared by `scratchlm prepare`), syncs (the training steps of tests/test_cuda.py run
 # under CUDA's sync debug mode: a failure names the op that makes the host wait), compile (bench
 # with both models compiled), docs
 # (bench with 4 packed documents per block: FlexAttention in ours), families (gpt2 and bert base).
@@ -60,12 +60,21 @@ step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]
 step kernels 90 "$PYTHON" benchmarks/kernels.py
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
 step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
-export FIT_DIR=$(mktemp -d)
-FIT=(-m scratchlm fit --model.family llama --model.size base --tokenizer.vocab_size 32768 --data.block_size 1024
-    --data.batch_size 16 --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.max_steps 80 --trainer.log_every_n_steps 2
-    --trainer.val_check_interval 1000 --trainer.enable_progress_bar false --trainer.default_root_dir "$FIT_DIR")
-[[ -n ${FIT_CORPUS:-} ]] && FIT+=(--data.paths "$FIT_CORPUS")
-step fit 150 bash -c '"$@" && "$0" benchmarks/fit_speed.py "$FIT_DIR" --skip 20' "$PYTHON" "$PYTHON" "${FIT[@]}"
+fit_step() {  # a tokenizer, the corpus prepared with it, then the fit: the loop's cost, no tokenizing in it
+    local dir data=()
+    dir=$(mktemp -d)
+    [[ -n ${FIT_CORPUS:-} ]] && data=(--data "$FIT_CORPUS")
+    "$PYTHON" -m scratchlm tokenizer train "${data[@]}" --family llama --vocab-size 32768 --out "$dir/tok" &&
+        "$PYTHON" -m scratchlm prepare "${data[@]}" --tokenizer "$dir/tok" --out "$dir/prepared" &&
+        "$PYTHON" -m scratchlm fit --model.family llama --model.size base --data.paths "$dir/prepared" \
+            --data.block_size 1024 --data.batch_size 16 --trainer.accelerator gpu --trainer.precision bf16-mixed \
+            --trainer.max_steps 80 --trainer.log_every_n_steps 2 --trainer.val_check_interval 1000 \
+            --trainer.enable_progress_bar false --trainer.default_root_dir "$dir/run" &&
+        "$PYTHON" benchmarks/fit_speed.py "$dir/run" --skip 20
+}
+export -f fit_step
+export PYTHON
+step fit 150 bash -c fit_step
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \
