@@ -7,10 +7,12 @@
 # Steps: bench (llama-base, ~124M, seq 1024, bf16, eager, against transformers), kernels
 # (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against Liger-Kernel's), tests
 # (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the fused loss
-# under bf16, a bf16 fit on the GPU), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and MFU
-# training logs, loop and data loader included, on the corpus prepared by `scratchlm prepare`), syncs (the training steps of tests/test_cuda.py run
-# under CUDA's sync debug mode: a failure names the op that makes the host wait), compile (bench
-# with both models compiled), docs
+# under bf16, a bf16 fit on the GPU), fit (`scratchlm fit` of the same model in bf16-mixed: the
+# tokens/s and MFU training logs, loop and data loader included, on the corpus prepared by
+# `scratchlm prepare`), syncs (the training steps of tests/test_cuda.py run under CUDA's sync
+# debug mode: a failure names the op that makes the host wait), compile (bench
+# with both models compiled), losschunk (the same with our loss's softmax chunks compiled too:
+# objectives.cross_entropy.COMPILED_SOFTMAX, to decide whether CUDA should be in it), docs
 # (bench with 4 packed documents per block: FlexAttention in ours), families (gpt2 and bert base).
 # The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
 # steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
@@ -31,7 +33,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-bench kernels tests syncs fit compile docs families} "
+WANTED=" ${*:-bench kernels tests syncs fit compile losschunk docs families} "
 LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16 --warmup 2 --steps 4)
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -76,6 +78,8 @@ export -f fit_step
 export PYTHON
 step fit 150 bash -c fit_step
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
+step losschunk 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3 \
+    --loss-chunk compiled
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \
     --vocab 50257 --seq 1024 --dtype bf16 --rounds 3

@@ -17,8 +17,8 @@ hand-written SwiGLU (``layers._Gated``; with Liger installed, ``layers.gated`` t
 through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of
 the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
 side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
-(softmax, loss terms, the logits' gradient), eager as it runs against one ``torch.compile``d
-expression (``ratio`` = eager / compiled), a candidate for the GPU route of the loss; and
+(softmax, loss terms, the logits' gradient), eager as it runs against ``torch.compile``d
+``softmax_chunk`` (``ratio`` = eager / compiled), the route of a device in ``COMPILED_SOFTMAX``; and
 ``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
 compiled (``layers.FlexMask`` compiles it on GPUs).
 
@@ -34,7 +34,13 @@ import torch.nn.functional as F
 
 from scratchlm.kernels import liger
 from scratchlm.models.layers import FlexMask, RMSNorm, _Gated, _RMSNorm
-from scratchlm.objectives.cross_entropy import VOCAB_MULTIPLE, default_chunk_rows, linear_cross_entropy, softmax_block
+from scratchlm.objectives.cross_entropy import (
+    VOCAB_MULTIPLE,
+    default_chunk_rows,
+    linear_cross_entropy,
+    softmax_block,
+    softmax_chunk,
+)
 
 
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -97,26 +103,14 @@ def peak_mib(fn) -> float:
 
 
 def chunk_passes(logits_nV, targets_n1, row_weight_n1):
-    """One chunk of ``objectives.cross_entropy`` after its logits matmul, as it runs on a GPU (one
-    softmax block per chunk): ``softmax_block`` through an fp32 buffer, its gradient written back
-    over the bf16 logits; returns the target's and the top log-probability."""
+    """One chunk of ``objectives.cross_entropy`` after its logits matmul, as it runs on a GPU by
+    default (one softmax block per chunk): ``softmax_block`` through an fp32 buffer, its gradient
+    written back over the bf16 logits; returns what ``softmax_chunk`` returns."""
     shifted_target = logits_nV.new_empty(logits_nV.shape[0], 1, dtype=torch.float32)
     sum_exp = torch.empty_like(shifted_target)
     work = torch.empty(logits_nV.shape, dtype=torch.float32, device=logits_nV.device)
     softmax_block(logits_nV, work, targets_n1, row_weight_n1, shifted_target, sum_exp)
-    log_sum_exp = sum_exp.log_()
-    return shifted_target - log_sum_exp, -log_sum_exp
-
-
-def chunk_fused(logits_nV, targets_n1, row_weight_n1):
-    """The same as one expression, for ``torch.compile`` to fuse into a reduction and a
-    pointwise pass over the bf16 logits (no fp32 copy of the chunk)."""
-    logits = logits_nV.float()
-    top = logits.amax(1, keepdim=True)
-    lse = (logits - top).exp().sum(1, keepdim=True).log() + top
-    onehot = torch.arange(logits.shape[1], device=logits.device) == targets_n1
-    logits_nV.copy_(((logits - lse).exp() - onehot.float()) * row_weight_n1)
-    return logits.gather(1, targets_n1) - lse, top - lse
+    return shifted_target, sum_exp
 
 
 def compare_chunk(rows: int, vocab: int, reps: int) -> None:
@@ -126,7 +120,7 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
     logits = torch.randn(rows, vocab, device="cuda", generator=generator).to(torch.bfloat16)
     targets = torch.randint(vocab, (rows, 1), device="cuda", generator=generator)
     weights = torch.full((rows, 1), 1.0 / rows, device="cuda")
-    compiled = torch.compile(chunk_fused, dynamic=True)
+    compiled = torch.compile(softmax_chunk, dynamic=True)  # what COMPILED_SOFTMAX runs
     results = []
     for fn in (chunk_passes, compiled):
         buffer = logits.clone()

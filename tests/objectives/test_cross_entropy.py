@@ -198,3 +198,53 @@ def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cross_entropy.linear_cross_entropy(features, weight, None, targets)
     assert seen == [256, 512]
+
+
+def fused_route_against_blocks(args, autocast: bool, vocab_multiple: int, monkeypatch):
+    """(loss, accuracy, grads) of the default route, then of ``COMPILED_SOFTMAX``'s on CPU."""
+    from scratchlm.objectives import cross_entropy
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, accuracy = linear_cross_entropy(*args, chunk_rows=8, vocab_multiple=vocab_multiple)
+        leaves = [t for t in args[:3] if t is not None]
+        return loss.detach(), accuracy, torch.autograd.grad(loss, leaves)
+
+    blocks = run()
+    monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", {"cpu"})
+    return blocks, run()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fused_softmax_chunk_changes_nothing(bias, vocab_multiple, autocast, monkeypatch):
+    """The route of a device in ``COMPILED_SOFTMAX`` (``softmax_chunk`` over whole chunks, run
+    uncompiled here): the loss, accuracy and gradients of the eager blocks, padded vocabulary too."""
+    from scratchlm.objectives import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "compiled_softmax_chunk", lambda: cross_entropy.softmax_chunk)
+    (loss, accuracy, grads), (loss_f, accuracy_f, grads_f) = fused_route_against_blocks(
+        inputs(bias), autocast, vocab_multiple, monkeypatch
+    )
+    tolerance = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}  # bf16 gradients
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-6)
+    assert accuracy_f == accuracy
+    for got, want in zip(grads_f, grads, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_the_fused_softmax_chunk_compiles(monkeypatch):
+    """Through ``torch.compile`` as a GPU in ``COMPILED_SOFTMAX`` would run it (CPU standing in;
+    chunks of 8 rows and a last one of 5, one dynamic compilation)."""
+    from scratchlm.objectives import cross_entropy
+
+    monkeypatch.setitem(cross_entropy._compiled, "softmax_chunk", None)
+    (loss, accuracy, grads), (loss_f, accuracy_f, grads_f) = fused_route_against_blocks(
+        inputs(bias=True), False, 1, monkeypatch
+    )
+    assert cross_entropy._compiled["softmax_chunk"] is not None
+    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-6)
+    assert accuracy_f == accuracy
+    for got, want in zip(grads_f, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -52,6 +52,16 @@ plain one (N=4096, D=256, two cores: fp32 2.55 s against 1.91 s plain, 1.34 s wi
 bf16 autocast 5.23 s against 1.64 s plain, 1.02 s with 512 rows)."""
 
 
+COMPILED_SOFTMAX: set[str] = set()
+"""Device types whose chunks do their softmax work through ``torch.compile`` (:func:`softmax_chunk`:
+one fused reduction and one pointwise pass, where the eager route makes five passes). None by
+default: on two CPU cores the eager blocks are faster (N=4096, D=256, V=8192, forward and
+backward: 186 against 204-214 ms fp32, 77 against 85-107 ms bf16), and on GPUs it awaits a
+measurement (``benchmarks/throughput.py --loss-chunk compiled``, ``benchmarks/kernels.py``)."""
+
+_compiled = {"softmax_chunk": None}
+
+
 def linear_cross_entropy(
     features_ND: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -137,6 +147,8 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     # matmuls through the whole chunk: many rows amortise the pass each chunk makes over the
     # weight gradient, few rows keep the elementwise passes out of memory.
     block = max(1, min(rows, SOFTMAX_BYTES.get(x_ND.device.type, rows * V * 4) // (4 * V)))
+    fused_softmax = compiled_softmax_chunk() if x_ND.device.type in COMPILED_SOFTMAX else None
+    block = rows if fused_softmax is not None else block
     logits_buffer = x_ND.new_empty(rows, V)  # the logits, then (overwritten block by block) their gradient
     # The softmax works in place on fp32 logits, else (low precision) in an fp32 buffer per block.
     low_precision = compute_dtype != softmax_dtype
@@ -157,6 +169,13 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             torch.addmm(b_V, x_nD, w_VD.t(), out=logits_nV)
         for first in range(start, stop, block):
             last = min(stop, first + block)
+            if fused_softmax is not None:
+                shifted_target_N1[first:last], sum_exp_N1[first:last] = fused_softmax(
+                    logits_nV, safe_targets_N1[first:last], row_weight_N1[first:last] if any_grad else None
+                )
+                if need_bias:
+                    grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
+                continue
             grad_bV = softmax_block(
                 logits_nV[first - start : last - start],
                 None if work_buffer is None else work_buffer[: last - first],
@@ -220,6 +239,31 @@ def softmax_block(
     if grad_bV is not logits_bV:
         logits_bV.copy_(grad_bV)  # into the compute dtype, for the matmuls
     return grad_bV
+
+
+def softmax_chunk(
+    logits_nV: torch.Tensor, targets_n1: torch.Tensor, row_weight_n1: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`softmax_block`'s work on a whole chunk as one expression, for ``torch.compile`` to
+    fuse into a reduction and a pointwise pass over the logits in their own dtype (no fp32 copy):
+    returns (target's logit less the row's highest, row's sum of exp(logit - highest)) and, given
+    row weights, writes (softmax - one-hot) · weight over ``logits_nV``."""
+    logits = logits_nV.float()  # the same tensor when fp32: read it all before writing over it
+    top = logits.amax(1, keepdim=True)
+    shifted_target = logits.gather(1, targets_n1) - top
+    sum_exp = (logits - top).exp().sum(1, keepdim=True)
+    if row_weight_n1 is not None:
+        onehot = torch.arange(logits.shape[1], device=logits.device) == targets_n1
+        logits_nV.copy_(((logits - top).exp() / sum_exp - onehot.float()) * row_weight_n1)
+    return shifted_target, sum_exp
+
+
+def compiled_softmax_chunk():
+    """:func:`softmax_chunk` through ``torch.compile`` (built once; shapes dynamic, as the last
+    chunk is shorter)."""
+    if _compiled["softmax_chunk"] is None:
+        _compiled["softmax_chunk"] = torch.compile(softmax_chunk, dynamic=True)
+    return _compiled["softmax_chunk"]
 
 
 def vocab_cross_entropy(
