@@ -148,11 +148,10 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     # weight gradient, few rows keep the elementwise passes out of memory.
     block = max(1, min(rows, SOFTMAX_BYTES.get(x_ND.device.type, rows * V * 4) // (4 * V)))
     fused_softmax = compiled_softmax_chunk() if x_ND.device.type in COMPILED_SOFTMAX else None
-    block = rows if fused_softmax is not None else block
     logits_buffer = x_ND.new_empty(rows, V)  # the logits, then (overwritten block by block) their gradient
     # The softmax works in place on fp32 logits, else (low precision) in an fp32 buffer per block.
     low_precision = compute_dtype != softmax_dtype
-    work_buffer = x_ND.new_empty(block, V, dtype=softmax_dtype) if low_precision else None
+    work_buffer = x_ND.new_empty(block, V, dtype=softmax_dtype) if low_precision and fused_softmax is None else None
     weight_grad_chunk = x_ND.new_empty(V, D) if need_weight and low_precision else None
 
     # Per row, filled block by block, used once after the loop: the target's logit less the row's
@@ -167,25 +166,25 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             torch.mm(x_nD, w_VD.t(), out=logits_nV)
         else:
             torch.addmm(b_V, x_nD, w_VD.t(), out=logits_nV)
-        for first in range(start, stop, block):
-            last = min(stop, first + block)
-            if fused_softmax is not None:
-                shifted_target_N1[first:last], sum_exp_N1[first:last] = fused_softmax(
-                    logits_nV, safe_targets_N1[first:last], row_weight_N1[first:last] if any_grad else None
-                )
-                if need_bias:
-                    grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
-                continue
-            grad_bV = softmax_block(
-                logits_nV[first - start : last - start],
-                None if work_buffer is None else work_buffer[: last - first],
-                safe_targets_N1[first:last],
-                row_weight_N1[first:last] if any_grad else None,
-                shifted_target_N1[first:last],
-                sum_exp_N1[first:last],
+        if fused_softmax is not None:  # the whole chunk in one compiled pass, gradient over the logits
+            shifted_target_N1[start:stop], sum_exp_N1[start:stop] = fused_softmax(
+                logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
             )
             if need_bias:
-                grad_b_V.add_(grad_bV.sum(0))
+                grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
+        else:
+            for first in range(start, stop, block):
+                last = min(stop, first + block)
+                grad_bV = softmax_block(
+                    logits_nV[first - start : last - start],
+                    None if work_buffer is None else work_buffer[: last - first],
+                    safe_targets_N1[first:last],
+                    row_weight_N1[first:last] if any_grad else None,
+                    shifted_target_N1[first:last],
+                    sum_exp_N1[first:last],
+                )
+                if need_bias:
+                    grad_b_V.add_(grad_bV.sum(0))
         if not any_grad:
             continue
         grad_nV = logits_nV
