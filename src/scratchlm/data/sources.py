@@ -32,7 +32,6 @@ from typing import Any, Literal
 import zlib
 
 import numpy as np
-import zstandard
 
 from scratchlm.errors import ScratchLMError
 
@@ -465,9 +464,12 @@ class ZstdReader(io.RawIOBase):
     """Compressed bytes read from the file at a time."""
 
     def __init__(self, path: str) -> None:
+        import zstandard  # only when a .zst file is read, as pyarrow and datasets are for theirs
+
         super().__init__()
         self.file = open(path, "rb")  # noqa: SIM115  (held open while streaming; closed in close())
         self.decompressor = zstandard.ZstdDecompressor()
+        self.damaged = zstandard.ZstdError
         self.frame: Any = None  # the current frame's decompressobj; None before the first byte
         self.ready = memoryview(b"")  # decompressed, not yet read
 
@@ -492,7 +494,10 @@ class ZstdReader(io.RawIOBase):
         while compressed:
             if self.frame is None or self.frame.eof:
                 self.frame = self.decompressor.decompressobj()
-            parts.append(self.frame.decompress(compressed))
+            try:
+                parts.append(self.frame.decompress(compressed))
+            except self.damaged as error:
+                raise ZstdDamaged(str(error)) from None
             compressed = self.frame.unused_data if self.frame.eof else b""  # the next frame's start
         return b"".join(parts)
 
@@ -501,7 +506,11 @@ class ZstdReader(io.RawIOBase):
         super().close()
 
 
-DECOMPRESSION_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, zstandard.ZstdError)
+class ZstdDamaged(ValueError):
+    """zstandard's error for bytes that are no valid zstd data, under a name this module owns."""
+
+
+DECOMPRESSION_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, ZstdDamaged)
 """What reading a damaged, truncated or mislabelled ``.gz`` or ``.zst`` file raises."""
 
 
