@@ -212,3 +212,24 @@ def test_resuming_a_run_that_has_no_checkpoint_yet_starts_at_step_0_and_says_so(
     assert f"no checkpoint in {root / 'checkpoints'} yet: training starts at step 0" in captured.err
     assert captured.out.strip().splitlines()[-1] == str((root / "hf").resolve())
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_stopped_midway_by_a_bad_line_still_draws_its_curves(tmp_path, capsys):
+    """The runs that stop early are the ones most worth looking at: bad input met after some
+    steps stops the run with its one line, and the curves of the steps it trained are drawn."""
+    from pydoc_data.topics import topics
+
+    from scratchlm.tokenizer import train_tokenizer
+
+    paragraphs = [p for name in sorted(topics) for p in topics[name].split("\n\n") if p.strip()]
+    lines = [json.dumps({"text": p}) for p in paragraphs[:600]]  # well beyond a tokenizing batch (64)
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(lines) + "\n")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join([*lines, '{"text": "cut sho']) + "\n")
+    tokenizer = train_tokenizer([str(clean)], tmp_path / "tok", vocab_size=300, family="gpt2")
+    root = tmp_path / "run"
+    error = fit_fails(capsys, *gpt2_fit(root, "--data.paths", str(corpus), "--data.tokenizer", str(tokenizer),
+                                        "--data.val_fraction", "0", "--trainer.log_every_n_steps", "1"))
+    assert f"{corpus}:601: malformed JSON" in error
+    assert (root / "logs" / "curves.png").is_file()

@@ -34,13 +34,13 @@ def test_fit_writes_logs_checkpoints_and_tokenizer_under_the_run_dir(gpt2_run):
     _, root, _ = gpt2_run
     metrics = next(root.glob("logs/version_*/metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
-    for column in ("train/loss", "train/tok_s", "train/tflops", "val/loss", "val/ppl", "train/lr"):
+    for column in ("train/loss", "train/tok_s", "train/tflops", "val/loss", "val/ppl", "train/lr", "train/grad_norm"):
         assert column in header, column
     assert (root / "checkpoints" / "last.ckpt").is_file()
     assert (root / "tokenizer" / "tokenizer.json").is_file()
     # One version folder per start, as the README's table says: the CSV metrics, the TensorBoard
     # events and the config side by side.
-    assert sorted(p.name for p in (root / "logs").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in (root / "logs").iterdir()) == ["curves.png", "version_0"]
     assert {"metrics.csv", "config.yaml"} <= {p.name for p in (root / "logs" / "version_0").iterdir()}
     assert list(root.glob("logs/version_0/events.out.tfevents.*"))
 

@@ -27,6 +27,7 @@ from scratchlm.export import attention_implementations, verify_export
 from scratchlm.tokenizer import TokenizerInfo, train_tokenizer
 from scratchlm.training import PretrainModule, TokenThroughput, TrainedModel
 from scratchlm.training.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
+from scratchlm.training.curves import write_curves
 from scratchlm.training.run_dir import claim_run_dir, release_run_dir, run_identity
 
 PARITY_TOLERANCE = 1e-4
@@ -141,13 +142,20 @@ class FitCLI(LightningCLI):
 
     def fit(self, **kwargs) -> None:
         """``trainer.fit`` (LightningCLI runs a method of the subcommand's name in its place).
-        ``--ckpt_path last`` before the run's first checkpoint starts at step 0, saying so."""
+        ``--ckpt_path last`` before the run's first checkpoint starts at step 0, saying so. The
+        run's curves are drawn however training ends: a run stopped by bad steps or by Ctrl-C is
+        the one most worth looking at."""
         if kwargs.get("ckpt_path") == "last" and self.last_checkpoint() is None:
             print(f"[scratchlm] no checkpoint in {Path(self.trainer.default_root_dir) / 'checkpoints'} yet: "
                   "training starts at step 0", file=sys.stderr, flush=True)
             kwargs["ckpt_path"] = None
-        with self.released_on_failure():
-            self.trainer.fit(**kwargs)
+        try:
+            with self.released_on_failure():
+                self.trainer.fit(**kwargs)
+        finally:
+            curves = write_curves(Path(self.trainer.default_root_dir)) if self.trainer.is_global_zero else None
+            if curves is not None:
+                print(f"[scratchlm] curves: {curves}", file=sys.stderr, flush=True)
 
     def last_checkpoint(self) -> Path | None:
         path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
