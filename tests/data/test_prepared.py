@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from runs import run_cli
+from scratchlm.cli import main
 from scratchlm.data import TextDataModule, prepared
 from scratchlm.data.sources import resolve_sources
 from scratchlm.data.stream import PackedBlocks
@@ -135,18 +135,19 @@ def test_training_with_another_tokenizer_than_the_prepared_one_is_refused(corpus
     TextDataModule(paths=[str(tmp_path / "prepared")], tokenizer=str(tmp_path / "prepared" / "tokenizer")).setup()
 
 
-def test_fit_trains_on_a_prepared_corpus_with_its_tokenizer(corpus, tmp_path):
+def test_fit_trains_on_a_prepared_corpus_with_its_tokenizer(corpus, tmp_path, capsys):
     files, tokenizer = corpus
-    result = run_cli("prepare", "--data", *files, "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared"))
-    assert result.stdout.strip() == str((tmp_path / "prepared").resolve())
-    assert "documents" in result.stderr and "tokens" in result.stderr
-    fit = run_cli(
+    main(["prepare", "--data", *files, "--tokenizer", tokenizer, "--out", str(tmp_path / "prepared")])
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str((tmp_path / "prepared").resolve())
+    assert "documents" in printed.err and "tokens" in printed.err
+    main([
         "fit", "--model.family", "bert", "--model.size", "tiny", "--data.paths", str(tmp_path / "prepared"),
         "--data.block_size", "32", "--data.batch_size", "4", "--trainer.max_steps", "3",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
-    )
-    folder = fit.stdout.strip().splitlines()[-1]
+    ])
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    assert folder == str((tmp_path / "run" / "hf").resolve())
     assert not (tmp_path / "run" / "tokenizer").exists(), "fit trained a tokenizer of its own"
     exported = json.loads((tmp_path / "run" / "hf" / "tokenizer.json").read_text())
     assert exported == json.loads(TokenizerInfo.load(tokenizer).files()["tokenizer.json"])
-    assert folder == str((tmp_path / "run" / "hf").resolve())
