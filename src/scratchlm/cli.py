@@ -292,9 +292,10 @@ def prepare(argv: list[str]) -> None:
         args.data, args.tokenizer, args.out, text_field=args.text_field, errors=args.errors,
         overwrite=args.overwrite, progress=ProgressLine("prepared"),
     )
-    print(f"[scratchlm] {metadata['documents']:,} documents, {metadata['tokens']:,} tokens ({metadata['dtype']})",
-          file=sys.stderr, flush=True)
-    print(Path(args.out).resolve())
+    out = Path(args.out).resolve()
+    print(f"[scratchlm] {metadata['documents']:,} documents, {metadata['tokens']:,} tokens ({metadata['dtype']}); "
+          f"train on them with scratchlm fit ... --data.paths {out}", file=sys.stderr, flush=True)
+    print(out)
 
 
 class ProgressLine:
