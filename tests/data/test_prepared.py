@@ -151,3 +151,24 @@ def test_fit_trains_on_a_prepared_corpus_with_its_tokenizer(corpus, tmp_path, ca
     assert not (tmp_path / "run" / "tokenizer").exists(), "fit trained a tokenizer of its own"
     exported = json.loads((tmp_path / "run" / "hf" / "tokenizer.json").read_text())
     assert exported == json.loads(TokenizerInfo.load(tokenizer).files()["tokenizer.json"])
+
+
+def test_a_file_is_never_read_twice_and_a_prepared_folder_stays_out_of_its_corpus(corpus, tmp_path):
+    """A prepared folder beside the files it was made from, or two made from one file, would
+    train on each document twice: refused, naming the file. The output folder of prepare may
+    not lie inside a corpus folder, where the next reading of that folder would take it in."""
+    files, tokenizer = corpus
+    prepared.prepare_corpus(files[:2], tokenizer, tmp_path / "prepared")
+    prepared.prepare_corpus(files[1:], tokenizer, tmp_path / "more")
+    for paths in ([str(tmp_path / "prepared"), files[0]], [str(tmp_path / "prepared"), str(tmp_path / "more")]):
+        data = TextDataModule(paths=paths, tokenizer=tokenizer)
+        with pytest.raises(ScratchLMError, match=r"would be read twice, .* pass only one of them"):
+            data.setup()
+    TextDataModule(paths=[str(tmp_path / "prepared"), files[2]], tokenizer=tokenizer).setup()  # disjoint: fine
+
+    corpus_folder = tmp_path / "corpus"
+    corpus_folder.mkdir()
+    (corpus_folder / "a.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    with pytest.raises(ScratchLMError, match="lies inside the corpus folder"):
+        prepared.prepare_corpus([str(corpus_folder)], tokenizer, corpus_folder / "prepared")
+    assert [p.name for p in corpus_folder.iterdir()] == ["a.jsonl"]

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from scratchlm.data.prepared import check_tokenizer
+from scratchlm.data.prepared import check_read_once, check_tokenizer
 from scratchlm.data.sources import Document, Source, describe_sources, first_document, resolve_sources
 from scratchlm.data.stream import PackedBlocks, split_documents
 from scratchlm.errors import ScratchLMError
@@ -136,6 +136,8 @@ class TextDataModule(L.LightningDataModule):
         self.sources = resolve_sources(self.paths)
         self.val_sources = resolve_sources(self.val_paths, flag="--data.val_paths") if self.val_paths else []
         check_tokenizer(self.sources + self.val_sources, tokenizer_info)
+        check_read_once(self.sources)
+        check_read_once(self.val_sources)
         options = {"text_field": self.text_field, "errors": self.errors, "token_ids": True}
         first_document(self.sources, **options)
         if self.val_sources:

@@ -124,6 +124,7 @@ def prepare_corpus(
         out, label="prepare output", what="a prepared corpus", owned={PREPARED_METADATA, "tokenizer", *FILES.values()},
         overwrite_flag="--overwrite", overwrite=overwrite,
     )
+    check_outside_inputs(out, paths)
     sources = resolve_sources(paths)
     first_document(sources, text_field=text_field, errors=errors)  # fails before writing anything
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def prepare_corpus(
                     count += len(batch)
                     if progress is not None:
                         progress(writer.documents, writer.tokens, time.perf_counter() - started)
-                parts.append({"source": str(source), "documents": count})
+                parts.append({"source": str(source), "path": file_path(source), "documents": count})
         finally:
             writer.close()
         write_tokenizer_files(info.files(), staging / "tokenizer")
@@ -162,6 +163,24 @@ def prepare_corpus(
         flush_to_disk(staging)
         replace_folder(staging, out)
     return metadata
+
+
+def check_outside_inputs(out: Path, paths: Sequence[str] | str | None) -> None:
+    """Refuse an output folder inside a folder of the corpus: the next ``fit`` or ``prepare`` of
+    that folder would read the corpus twice, as text and as ids."""
+    for path in [paths] if isinstance(paths, str) else paths or []:
+        folder = Path(path).expanduser().resolve()
+        if folder.is_dir() and out.is_relative_to(folder):
+            raise ScratchLMError(
+                f"prepare output {out} lies inside the corpus folder {path}, which would then read it "
+                "as part of the corpus; choose a folder outside it"
+            )
+
+
+def file_path(source: Source) -> str | None:
+    """The absolute path of a file-backed source (None for the built-in corpus and Hub datasets):
+    what ``check_read_once`` compares."""
+    return str(Path(source.location).resolve()) if source.kind in ("text", "jsonl", "parquet", "saved") else None
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -269,6 +288,23 @@ def prepared_folders(sources: Sequence[Source]) -> list[PreparedCorpus]:
     """The prepared corpora among ``sources``, each once."""
     folders = dict.fromkeys(source.location for source in sources if source.kind == "prepared")
     return [open_prepared(folder) for folder in folders]
+
+
+def check_read_once(sources: Sequence[Source]) -> None:
+    """Refuse a corpus that holds a file twice, as text and inside a prepared corpus made from it
+    (or inside two): each of its documents would be trained on twice."""
+    seen: dict[str, str] = {}  # absolute path -> how it is read
+    readings = [(file_path(s), "as text") for s in sources if s.kind != "prepared"]
+    readings += [(part.get("path"), f"in the prepared corpus {corpus.folder}")
+                 for corpus in prepared_folders(sources) for part in corpus.metadata["sources"]]
+    for path, how in readings:
+        if path is None:
+            continue
+        if path in seen:
+            raise ScratchLMError(
+                f"{path} would be read twice, {seen[path]} and {how}; pass only one of them in --data.paths"
+            )
+        seen[path] = how
 
 
 def check_tokenizer(sources: Sequence[Source], info: TokenizerInfo) -> None:
