@@ -10,8 +10,8 @@ original files and the same shard assignment, the same word starts. Nothing is l
 A prepared folder holds:
 
 - ``prepared.json``: format and version, the token dtype, counts, the fingerprint of the tokenizer,
-  and the sources it was prepared from with their numbers of documents. Written last: a folder
-  without it is no prepared corpus.
+  and the sources it was prepared from (as given and as absolute paths) with their numbers of
+  documents. Written last: a folder without it is no prepared corpus.
 - ``tokens.bin``: every document's ids end to end, as ``data.stream.tokenize`` yields them (special
   tokens and the closing separator included): uint16 where the vocabulary fits, else uint32.
 - ``offsets.bin``: int64, one more than there are documents: document ``i`` is
