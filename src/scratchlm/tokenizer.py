@@ -24,14 +24,12 @@ from dataclasses import dataclass, field
 import json
 import os
 from pathlib import Path
-import shutil
-import tempfile
 from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.folders import check_destination
+from scratchlm.folders import check_destination, flush_to_disk, replace_folder, staging_folder
 
 Kind = Literal["bpe", "wordpiece", "unigram"]
 
@@ -355,19 +353,10 @@ def replace_dir(files: dict[str, str], out_dir: Path) -> Path:
     leaves a half-written tokenizer where a good one was."""
     check_destination(out_dir, label="tokenizer output", what="a tokenizer", owned=TOKENIZER_FILES)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private to us; the folder it becomes should not be
-    try:
+    with staging_folder(out_dir) as staging:
         write_tokenizer_files(files, staging)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        flush_to_disk(staging)
+        replace_folder(staging, out_dir)
     return out_dir
 
 
