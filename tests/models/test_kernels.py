@@ -5,7 +5,7 @@ import torch
 
 from torch import nn
 
-from scratchlm.models.layers import RMSNorm, apply_rope, gated, rope_cos_sin
+from scratchlm.models.layers import RMSNorm, apply_rope, gated, gated_linear, rope_cos_sin
 
 
 def textbook(x, cos, sin):
@@ -37,6 +37,35 @@ def test_rope_matches_the_formula(per_document, dtype):
     assert grad.dtype == x.dtype
     tolerance = {"rtol": 1.6e-2, "atol": 1.6e-2} if dtype == torch.bfloat16 else {}
     torch.testing.assert_close(grad, grad_ref, **tolerance)
+
+
+@pytest.mark.parametrize("per_document", [False, True])
+@pytest.mark.parametrize("heads", [[2, 2, 2], [4, 2, 2]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_split_heads_matches_split_then_rope(per_document, heads, dtype):
+    """One node for splitting a fused QKV output and rotating queries and keys (grouped keys too):
+    the same three tensors and the same gradient for the fused output as the textbook formula
+    applied after a plain split, also where the loss leaves the values out."""
+    from scratchlm.models.layers import rotary_split_heads, split_heads
+
+    generator = torch.Generator().manual_seed(0)
+    B, T, K = 3, 7, 8
+    positions = torch.randint(0, 50, (B, T), generator=generator) if per_document else torch.arange(T)
+    cos, sin = rope_cos_sin(positions, K, theta=10000.0)
+    packed = torch.randn(B, T, sum(heads), K, generator=generator).to(dtype).requires_grad_()
+    packed_ref = packed.detach().clone().requires_grad_()
+    got = rotary_split_heads(packed, cos, sin, heads)
+    q_ref, k_ref, v_ref = split_heads(packed_ref, heads)
+    want = (textbook(q_ref.float(), cos, sin).to(dtype), textbook(k_ref.float(), cos, sin).to(dtype), v_ref)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == dtype
+        torch.testing.assert_close(g, w)
+    tolerance = {"rtol": 1.6e-2, "atol": 1.6e-2} if dtype == torch.bfloat16 else {}
+    for used in (3, 2):  # all three, then queries and keys only
+        grad_outs = [torch.randn(w.shape, generator=generator).to(dtype) for w in want[:used]]
+        (grad,) = torch.autograd.grad(got[:used], packed, grad_outs, retain_graph=True)
+        (grad_ref,) = torch.autograd.grad(want[:used], packed_ref, grad_outs, retain_graph=True)
+        torch.testing.assert_close(grad, grad_ref, **tolerance)
 
 
 def test_rope_rotates_by_the_position():
@@ -72,6 +101,22 @@ def test_rms_norm_matches_torch(needs):
         torch.testing.assert_close(got, want)
 
 
+def test_rms_norm_takes_strided_inputs_and_gradients():
+    """Transposed views in, as a caller may hand them (a permuted activation, a gradient that
+    arrives transposed): the same values and gradients as torch's norm."""
+    generator = torch.Generator().manual_seed(1)
+    ours, reference = RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16, generator=generator) + 0.5)
+        reference.weight.copy_(ours.weight)
+    x = torch.randn(5, 4, 16, generator=generator).transpose(0, 1).requires_grad_()
+    grad_out = torch.randn(5, 4, 16, generator=generator).transpose(0, 1)
+    got = torch.autograd.grad(ours(x), [x, ours.weight], grad_out)
+    want = torch.autograd.grad(reference(x), [x, reference.weight], grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_rms_norm_in_other_dtypes_is_torch_composite():
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(RMSNorm(8, eps=1e-6).double(), (x,))
@@ -97,6 +142,25 @@ def test_gated_activation_matches_the_formula(activation, dtype):
     if dtype == torch.float32:
         h64 = h.detach().double().requires_grad_()
         assert torch.autograd.gradcheck(lambda x: gated(x, activation), (h64,))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_gated_linear_matches_one_matmul_and_the_formula(activation, needs):
+    """The two-matmul CPU route of a gated MLP's input projection: values and both gradients as
+    the fused projection followed by ``act(a) * b``, whichever of input and weight wants one."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=generator).requires_grad_(needs != "weight")
+    weight = (0.5 * torch.randn(12, 8, generator=generator)).requires_grad_(needs != "input")
+    grad_out = torch.randn(3, 5, 6, generator=generator)
+    a, b = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
+    y, y_ref = gated_linear(x, weight, activation), getattr(torch.nn.functional, activation)(a) * b
+    torch.testing.assert_close(y, y_ref)
+    inputs = [t for t in (x, weight) if t.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, want)
 
 
 def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):

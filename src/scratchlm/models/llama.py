@@ -19,18 +19,17 @@ from torch import nn
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     RMSNorm,
-    apply_rope,
     attend,
     build_attention_mask,
     check_length,
     check_positive_int,
     check_shared_fields,
     count_params,
-    gated,
+    gated_linear,
     init_normal,
     positions_in_documents,
     rope_cos_sin,
-    split_heads,
+    rotary_split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -124,11 +123,9 @@ class GroupedQueryAttention(nn.Module):
         -> (B, T, D)."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BHTK, k_BGTK, v_BGTK = split_heads(self.qkv(x_BTD).view(B, T, H + 2 * G, K), [H, G, G])
-        # Rotate in fp32 (cos/sin are fp32, so the product promotes), then back to the compute
+        # Rotated in fp32 (cos/sin are fp32, so the product promotes), then back to the compute
         # dtype: under bf16 autocast q and k would otherwise reach SDPA in fp32 and v in bf16.
-        q_BHTK = apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype)
-        k_BGTK = apply_rope(k_BGTK, cos, sin).to(v_BGTK.dtype)
+        q_BHTK, k_BGTK, v_BGTK = rotary_split_heads(self.qkv(x_BTD).view(B, T, H + 2 * G, K), cos, sin, [H, G, G])
         y_BHTK = attend(
             q_BHTK,
             k_BGTK,
@@ -157,7 +154,7 @@ class SwiGLU(nn.Module):
         self.proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(gated(self.gate_up(x_BTD), "silu"))  # silu(gate) * up
+        return self.proj(gated_linear(x_BTD, self.gate_up.weight, "silu"))  # silu(gate) * up
 
 
 class LlamaBlock(nn.Module):

@@ -37,11 +37,12 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
-    gated,
+    gated_linear,
     gather_positions,
     mask_rows,
     positions_in_documents,
     rope_cos_sin,
+    rotary_split_heads,
     sdpa,
     split_heads,
 )
@@ -149,9 +150,11 @@ class RotaryAttention(nn.Module):
         still from every position (bidirectional attention only)."""
         B, T, D = x_BTD.shape
         H = self.n_heads
+        # Queries and keys are rotated in fp32, then back to the compute dtype (as HF does): under
+        # bf16 autocast q and k would otherwise reach SDPA in fp32 and v in bf16.
         if queries is None:
-            q_BHQK, k_BHTK, v_BHTK = split_heads(self.qkv(x_BTD).view(B, T, 3 * H, D // H), H)
-            cos_q, sin_q = cos, sin
+            packed_BTNK = self.qkv(x_BTD).view(B, T, 3 * H, D // H)
+            q_BHQK, k_BHTK, v_BHTK = rotary_split_heads(packed_BTNK, cos, sin, [H, H, H])
         else:
             if self.causal:
                 raise ValueError("queries at chosen positions are for bidirectional attention only")
@@ -160,10 +163,8 @@ class RotaryAttention(nn.Module):
             k_BHTK, v_BHTK = split_heads(F.linear(x_BTD, w_kv).view(B, T, 2 * H, D // H), H)
             cos_q, sin_q = (t[queries] if t.dim() == 2 else gather_positions(t, queries) for t in (cos, sin))
             mask = mask_rows(mask, queries)
-        # Rotate in fp32, then back to the compute dtype (as HF does): under bf16 autocast q and k
-        # would otherwise reach SDPA in fp32 and v in bf16.
-        q_BHQK = apply_rope(q_BHQK.float(), cos_q, sin_q).to(v_BHTK.dtype)
-        k_BHTK = apply_rope(k_BHTK.float(), cos, sin).to(v_BHTK.dtype)
+            q_BHQK = apply_rope(q_BHQK.float(), cos_q, sin_q).to(v_BHTK.dtype)
+            k_BHTK = apply_rope(k_BHTK.float(), cos, sin).to(v_BHTK.dtype)
         y_BHQK = sdpa(
             q_BHQK,
             k_BHTK,
@@ -191,7 +192,7 @@ class GeGLU(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.dropout(gated(self.fc(x_BTD), "gelu")))  # gelu(a) * gate
+        return self.proj(self.dropout(gated_linear(x_BTD, self.fc.weight, "gelu")))  # gelu(a) * gate
 
 
 class ModernBertBlock(nn.Module):
