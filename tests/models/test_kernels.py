@@ -1,11 +1,14 @@
 """The hand-written eager kernels equal what they replace, forward and backward."""
 
+import shutil
+import warnings
+
 import pytest
 import torch
 
 from torch import nn
 
-from scratchlm.models.layers import RMSNorm, apply_rope, gated, gated_linear, rope_cos_sin
+from scratchlm.models.layers import RMSNorm, apply_rope, gated, gated_linear, gelu, linear_gelu, rope_cos_sin
 
 
 def textbook(x, cos, sin):
@@ -161,6 +164,71 @@ def test_gated_linear_matches_one_matmul_and_the_formula(activation, needs):
         torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out), strict=True
     ):
         torch.testing.assert_close(got, want)
+
+
+needs_a_compiler = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")), reason="the compiled CPU kernels need a C++ compiler"
+)
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("needs", ["all", "input", "weight", "bias"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias):
+    """The compiled CPU route of GPT-2's MLP input (matmul, then bias and tanh GELU in one kernel
+    each way): the values and every gradient asked for, as ``F.linear`` then ``F.gelu``."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=generator).requires_grad_(needs in ("all", "input"))
+    weight = (0.5 * torch.randn(12, 8, generator=generator)).requires_grad_(needs in ("all", "weight"))
+    bias = torch.randn(12, generator=generator).requires_grad_(needs in ("all", "bias")) if with_bias else None
+    if needs == "bias" and not with_bias:
+        pytest.skip("no bias to differentiate")
+    grad_out = torch.randn(3, 5, 12, generator=generator)
+    y = linear_gelu(x, weight, bias, "tanh")
+    assert type(y.grad_fn).__name__ == "_LinearBiasGeluTanhBackward"  # the compiled route ran
+    y_ref = nn.functional.gelu(nn.functional.linear(x, weight, bias), approximate="tanh")
+    torch.testing.assert_close(y, y_ref)
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@needs_a_compiler
+def test_gelu_tanh_of_a_strided_tensor_matches_torch():
+    """T5's gate is a strided half of its fused projection."""
+    generator = torch.Generator().manual_seed(0)
+    h = (3 * torch.randn(4, 6, 20, generator=generator)).requires_grad_()
+    gate = h.chunk(2, dim=-1)[0]
+    grad_out = torch.randn(4, 6, 10, generator=generator)
+    y, y_ref = gelu(gate, "tanh"), nn.functional.gelu(gate, approximate="tanh")
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(torch.autograd.grad(y, h, grad_out)[0], torch.autograd.grad(y_ref, h, grad_out)[0])
+
+
+def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
+    """No C++ compiler (or any other compiler failure): one warning, then PyTorch's own kernel,
+    with the same values, and no second attempt."""
+    from scratchlm.kernels import compiled
+
+    monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "failed", False)
+    attempts = []
+
+    def failing_compile(fn, **kwargs):
+        attempts.append(fn)
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    x, weight, bias = torch.randn(2, 3, 4), torch.randn(6, 4), torch.randn(6)
+    with pytest.warns(UserWarning, match="compiling the CPU GELU-tanh kernel failed.*no C\\+\\+ compiler"):
+        y = linear_gelu(x, weight, bias, "tanh")
+    torch.testing.assert_close(y, nn.functional.gelu(nn.functional.linear(x, weight, bias), approximate="tanh"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear_gelu(x, weight.requires_grad_(), bias, "tanh").sum().backward()
+    assert len(attempts) == 1
 
 
 def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):

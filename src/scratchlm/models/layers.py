@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.kernels import liger
+from scratchlm.kernels import compiled, liger
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -439,6 +439,69 @@ class _RMSNorm(torch.autograd.Function):
         return torch.mul(grad_y, weight).mul_(rstd).add_(correction), grad_weight, None
 
 
+# --- GELU ----------------------------------------------------------------------------------------
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: Literal["none", "tanh"]
+) -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias), approximate=...)``. The tanh form runs, on CPU in fp32
+    and eagerly, as a matmul and one compiled kernel each way that adds the bias and applies GELU
+    (``kernels.compiled``; 2.3x faster than ATen's tanh GELU, and no pass for the bias)."""
+    if (kernels := _bias_gelu_tanh_kernels(approximate, x, weight)) is not None:
+        if bias is None:
+            bias = x.new_zeros(weight.shape[0])
+        return _LinearBiasGeluTanh.apply(x, weight, bias, kernels)
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torch.Tensor:
+    """``F.gelu(x, approximate=...)``, the tanh form through the compiled kernels where
+    :func:`linear_gelu` takes them."""
+    if (kernels := _bias_gelu_tanh_kernels(approximate, x)) is not None:
+        return _LinearBiasGeluTanh.apply(x, None, x.new_zeros(x.shape[-1]), kernels)
+    return F.gelu(x, approximate=approximate)
+
+
+def _bias_gelu_tanh_kernels(approximate: str, x: torch.Tensor, *others: torch.Tensor):
+    """The compiled kernels where they apply: tanh form, eager, no autocast, every tensor fp32."""
+    if (
+        approximate != "tanh"
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled(x.device.type)
+        or any(t.dtype != torch.float32 for t in others)
+    ):
+        return None
+    return compiled.bias_gelu_tanh_kernels(x)
+
+
+class _LinearBiasGeluTanh(torch.autograd.Function):
+    """``gelu_tanh(x @ weight.T + bias)``, or ``gelu_tanh(x + bias)`` without a weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernels):
+        x_ND = x.reshape(-1, x.shape[-1])
+        h_NF = x_ND if weight is None else torch.mm(x_ND, weight.t())
+        ctx.save_for_backward(x_ND, weight, h_NF, bias)
+        ctx.backward_kernel = kernels[1]
+        return kernels[0](h_NF, bias).view(*x.shape[:-1], h_NF.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x_ND, weight, h_NF, bias = ctx.saved_tensors
+        grad_h_NF = ctx.backward_kernel(grad_y.reshape(h_NF.shape), h_NF, bias)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x_ND = grad_h_NF if weight is None else torch.mm(grad_h_NF, weight)
+            grad_x = grad_x_ND.view(*grad_y.shape[:-1], x_ND.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad_h_NF.t(), x_ND)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_h_NF.sum(0)
+        return grad_x, grad_weight, grad_bias, None
+
+
 # --- gated MLP activations ----------------------------------------------------------------------
 
 GATE_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -796,7 +859,7 @@ class MLP(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x_BTD), approximate=self.gelu)))
+        return self.dropout(self.proj(linear_gelu(x_BTD, self.fc.weight, self.fc.bias, self.gelu)))
 
 
 # --- init and counting ---------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
@@ -28,6 +27,7 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
+    gelu,
     sdpa,
     split_heads,
 )
@@ -235,7 +235,7 @@ class GatedGELU(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         gate_BTF, up_BTF = self.gate_up(x_BTD).chunk(2, dim=-1)
-        return self.proj(self.dropout(F.gelu(gate_BTF, approximate="tanh") * up_BTF))
+        return self.proj(self.dropout(gelu(gate_BTF, "tanh") * up_BTF))
 
 
 class EncoderBlock(nn.Module):
