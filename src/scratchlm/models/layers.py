@@ -447,12 +447,28 @@ def linear_gelu(
 ) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias), approximate=...)``. The tanh form runs, on CPU in fp32
     and eagerly, as a matmul and one compiled kernel each way that adds the bias and applies GELU
-    (``kernels.compiled``; 2.3x faster than ATen's tanh GELU, and no pass for the bias)."""
+    (``kernels.compiled``: no pass for the bias, and 2.3x faster than ATen's tanh GELU on data in
+    cache)."""
     if (kernels := _bias_gelu_tanh_kernels(approximate, x, weight)) is not None:
         if bias is None:
             bias = x.new_zeros(weight.shape[0])
         return _LinearBiasGeluTanh.apply(x, weight, bias, kernels)
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+class LinearGELU(nn.Linear):
+    """``nn.Linear`` followed by GELU as one module (the state dict keeps ``weight`` and ``bias``),
+    whose forward is :func:`linear_gelu`; hooks on it see it run."""
+
+    def __init__(self, in_features: int, out_features: int, approximate: Literal["none", "tanh"]) -> None:
+        super().__init__(in_features, out_features)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu(x, self.weight, self.bias, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approximate={self.approximate}"
 
 
 def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torch.Tensor:
@@ -562,8 +578,9 @@ def gated_linear(x_BTD: torch.Tensor, weight_2FD: torch.Tensor, activation: Lite
 
     On CPU in fp32 the two halves of the weight run as two matmuls into two contiguous outputs:
     the elementwise work then reads no strided halves and copies none (forward and backward of
-    the throughput benchmark's SwiGLU, (4096, 256) -> (4096, 688), two cores: 36.8-37.2 ms against
-    38.8-39.2 through the one fused matmul). Elsewhere (CUDA, bf16 autocast, under
+    the throughput benchmark's SwiGLU, (4096, 256) -> (4096, 688), inputs from memory, two cores:
+    41.4-42.1 ms against 44.1-45.4 through the one fused matmul, ``benchmarks/cpu_kernels.py``).
+    The gate as a compiled kernel (``kernels.compiled``) was no faster here. Elsewhere (CUDA, bf16 autocast, under
     ``torch.compile``) the one matmul and :func:`gated` run."""
     if (
         torch.compiler.is_compiling()
@@ -609,6 +626,23 @@ class _GatedLinear(torch.autograd.Function):
             torch.mm(grad_a.t(), x_ND, out=grad_weight_a)
             torch.mm(grad_b.t(), x_ND, out=grad_weight_b)
         return grad_x, grad_weight, None
+
+
+class GatedLinear(nn.Linear):
+    """A gated MLP's fused input projection and its gate as one module: ``nn.Linear(D, 2F,
+    bias=False)``'s parameter (the state dict's ``weight``, rows [0, F) the activated half) whose
+    forward is :func:`gated_linear`, (..., D) -> (..., F). A module, not a bare function of the
+    weight, so that hooks on it (the FLOP count's, a user's) see it run."""
+
+    def __init__(self, in_features: int, out_features: int, activation: Literal["silu", "gelu"]) -> None:
+        super().__init__(in_features, 2 * out_features, bias=False)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_linear(x, self.weight, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"
 
 
 # --- rotary position embeddings ------------------------------------------------------------------
@@ -692,8 +726,8 @@ def rotary_split_heads(
     In fp32, eagerly, this is one autograd node: queries and keys are rotated together into one
     buffer, and the backward rotates their gradients straight into their places of the
     projection's gradient, the values' beside them, where the separate route rotates each into a
-    fresh tensor and then concatenates the three (rotation and concatenation per training step of
-    the throughput benchmark's 4-layer Llama on two cores: 32 -> ~20 ms)."""
+    fresh tensor and then concatenates the three (forward and backward of (32, 128, 12, 64) from
+    memory on two cores: 7.5-8.6 ms against 8.3-9.1, ``benchmarks/cpu_kernels.py``)."""
     if torch.compiler.is_compiling() or packed_BTNK.dtype != torch.float32 or cos.dtype != torch.float32:
         q_BHTK, k_BGTK, v_BGTK = split_heads(packed_BTNK, heads)
         return apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype), apply_rope(k_BGTK, cos, sin).to(v_BGTK.dtype), v_BGTK
@@ -853,13 +887,12 @@ class MLP(nn.Module):
         """``gelu`` is ``F.gelu``'s ``approximate``: "none" is the exact erf form (BERT), "tanh"
         the tanh approximation (GPT-2, Hendrycks & Gimpel 2016, eq. in §2)."""
         super().__init__()
-        self.gelu = gelu
-        self.fc = nn.Linear(d_model, d_ff)
+        self.fc = LinearGELU(d_model, d_ff, approximate=gelu)  # fc and its GELU
         self.proj = nn.Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(linear_gelu(x_BTD, self.fc.weight, self.fc.bias, self.gelu)))
+        return self.dropout(self.proj(self.fc(x_BTD)))
 
 
 # --- init and counting ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
+    GatedLinear,
     RMSNorm,
     attend,
     build_attention_mask,
@@ -25,7 +26,6 @@ from scratchlm.models.layers import (
     check_positive_int,
     check_shared_fields,
     count_params,
-    gated_linear,
     init_normal,
     positions_in_documents,
     rope_cos_sin,
@@ -150,11 +150,11 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.gate_up = GatedLinear(d_model, d_ff, activation="silu")  # silu(gate) * up
         self.proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(gated_linear(x_BTD, self.gate_up.weight, "silu"))  # silu(gate) * up
+        return self.proj(self.gate_up(x_BTD))
 
 
 class LlamaBlock(nn.Module):

@@ -31,13 +31,13 @@ from torch import nn
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     Dropout,
+    GatedLinear,
     apply_rope,
     build_attention_mask,
     check_length,
     check_positive_int,
     check_shared_fields,
     count_params,
-    gated_linear,
     gather_positions,
     mask_rows,
     positions_in_documents,
@@ -187,12 +187,12 @@ class GeGLU(nn.Module):
 
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.fc = GatedLinear(config.d_model, config.d_ff, activation="gelu")  # gelu(a) * gate
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.dropout(gated_linear(x_BTD, self.fc.weight, "gelu")))  # gelu(a) * gate
+        return self.proj(self.dropout(self.fc(x_BTD)))
 
 
 class ModernBertBlock(nn.Module):
