@@ -174,9 +174,12 @@ needs_a_compiler = pytest.mark.skipif(
 @needs_a_compiler
 @pytest.mark.parametrize("needs", ["all", "input", "weight", "bias"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias):
+def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias, monkeypatch):
     """The compiled CPU route of GPT-2's MLP input (matmul, then bias and tanh GELU in one kernel
     each way): the values and every gradient asked for, as ``F.linear`` then ``F.gelu``."""
+    from scratchlm.kernels import compiled
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)  # small tensors take it too
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, generator=generator).requires_grad_(needs in ("all", "input"))
     weight = (0.5 * torch.randn(12, 8, generator=generator)).requires_grad_(needs in ("all", "weight"))
@@ -196,13 +199,17 @@ def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias):
 
 
 @needs_a_compiler
-def test_gelu_tanh_of_a_strided_tensor_matches_torch():
+def test_gelu_tanh_of_a_strided_tensor_matches_torch(monkeypatch):
     """T5's gate is a strided half of its fused projection."""
+    from scratchlm.kernels import compiled
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(0)
     h = (3 * torch.randn(4, 6, 20, generator=generator)).requires_grad_()
     gate = h.chunk(2, dim=-1)[0]
     grad_out = torch.randn(4, 6, 10, generator=generator)
     y, y_ref = gelu(gate, "tanh"), nn.functional.gelu(gate, approximate="tanh")
+    assert type(y.grad_fn).__name__ == "_LinearBiasGeluTanhBackward"
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(torch.autograd.grad(y, h, grad_out)[0], torch.autograd.grad(y_ref, h, grad_out)[0])
 
@@ -214,6 +221,7 @@ def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
 
     monkeypatch.setitem(compiled._state, "kernels", None)
     monkeypatch.setitem(compiled._state, "failed", False)
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
     attempts = []
 
     def failing_compile(fn, **kwargs):
@@ -229,6 +237,20 @@ def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
         warnings.simplefilter("error")
         linear_gelu(x, weight.requires_grad_(), bias, "tanh").sum().backward()
     assert len(attempts) == 1
+
+
+def test_small_tensors_never_start_the_compiler(monkeypatch):
+    """Compiling costs seconds a process: tensors under ``MIN_ELEMENTS`` values (tests, toy
+    models) keep PyTorch's kernels without asking for the compiled ones."""
+    from scratchlm.kernels import compiled
+
+    monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "failed", False)
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("the compiler was started"))
+    x = torch.randn(4, 16, 32, requires_grad=True)  # output 4·16·64 = 4096 values
+    y = linear_gelu(x, torch.randn(64, 32), torch.randn(64), "tanh")
+    assert type(y.grad_fn).__name__ == "GeluBackward0"
+    assert compiled.bias_gelu_tanh_kernels(x, compiled.MIN_ELEMENTS - 1) is None
 
 
 def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):

@@ -9,9 +9,11 @@ inside, each direction is one compiled loop: with the inputs out of cache, forwa
 5.8 for the bias copy and ATen's GELU, backward 3.5 ms against 5.4; values within 5e-7 of ATen's
 (``benchmarks/results/2026-11-26-cpu-2core.md``).
 
-Each kernel is compiled once per process on first use, for any shape (a few seconds; Inductor's
-cache on disk shortens later starts). Where compiling fails (no C++ compiler, an unsupported
-platform) one warning is given and the eager kernels run from then on.
+Each kernel is compiled once per process on first use, for any shape: about 8 s on two cores
+(22 s the first time on a machine, before Inductor's cache on disk holds it). At a few ms saved per
+layer and step that pays back within a few hundred steps, so tensors under ``MIN_ELEMENTS`` values
+(tests, toy models) keep the eager kernels and never start the compiler. Where compiling fails (no
+C++ compiler, an unsupported platform) one warning is given and the eager kernels run from then on.
 """
 
 from collections.abc import Callable
@@ -23,6 +25,9 @@ import torch
 GELU_TANH_DEVICES = ("cpu",)
 """Devices whose GELU-tanh goes through the compiled kernels (on CUDA PyTorch's own kernel is one
 fused pass already)."""
+
+MIN_ELEMENTS = 1 << 18
+"""Outputs smaller than this keep the eager kernels (GPT-2 ``tiny`` at batch 16 × 128: 2^21)."""
 
 _TWO_C = 2 * math.sqrt(2 / math.pi)
 _A = 0.044715
@@ -46,11 +51,17 @@ def bias_gelu_tanh_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Ten
 _state: dict = {"kernels": None, "failed": False}
 
 
-def bias_gelu_tanh_kernels(x: torch.Tensor) -> tuple[Callable, Callable] | None:
+def bias_gelu_tanh_kernels(x: torch.Tensor, elements: int) -> tuple[Callable, Callable] | None:
     """(forward, backward) of :func:`bias_gelu_tanh_forward` and :func:`bias_gelu_tanh_backward`
-    compiled for fp32 rows (N, F) and a bias (F,) on ``x``'s device; None where they do not apply
-    (another device or dtype) or compiling failed."""
-    if x.device.type not in GELU_TANH_DEVICES or x.dtype != torch.float32 or _state["failed"]:
+    compiled for fp32 rows (N, F) and a bias (F,) on ``x``'s device, for an output of ``elements``
+    values; None where they do not apply (another device or dtype, fewer than ``MIN_ELEMENTS``
+    values) or compiling failed."""
+    if (
+        x.device.type not in GELU_TANH_DEVICES
+        or x.dtype != torch.float32
+        or elements < MIN_ELEMENTS
+        or _state["failed"]
+    ):
         return None
     if _state["kernels"] is None:
         try:

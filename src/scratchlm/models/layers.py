@@ -445,11 +445,12 @@ class _RMSNorm(torch.autograd.Function):
 def linear_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: Literal["none", "tanh"]
 ) -> torch.Tensor:
-    """``F.gelu(F.linear(x, weight, bias), approximate=...)``. The tanh form runs, on CPU in fp32
-    and eagerly, as a matmul and one compiled kernel each way that adds the bias and applies GELU
-    (``kernels.compiled``: no pass for the bias, and 2.3x faster than ATen's tanh GELU on data in
-    cache)."""
-    if (kernels := _bias_gelu_tanh_kernels(approximate, x, weight)) is not None:
+    """``F.gelu(F.linear(x, weight, bias), approximate=...)``. The tanh form runs, on CPU in fp32,
+    eagerly and for outputs large enough to pay back the compiling, as a matmul and one compiled
+    kernel each way that adds the bias and applies GELU (``kernels.compiled``: no pass for the
+    bias, and 2.3x faster than ATen's tanh GELU on data in cache)."""
+    elements = x.numel() // x.shape[-1] * weight.shape[0]
+    if (kernels := _bias_gelu_tanh_kernels(approximate, elements, x, weight)) is not None:
         if bias is None:
             bias = x.new_zeros(weight.shape[0])
         return _LinearBiasGeluTanh.apply(x, weight, bias, kernels)
@@ -474,13 +475,14 @@ class LinearGELU(nn.Linear):
 def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torch.Tensor:
     """``F.gelu(x, approximate=...)``, the tanh form through the compiled kernels where
     :func:`linear_gelu` takes them."""
-    if (kernels := _bias_gelu_tanh_kernels(approximate, x)) is not None:
+    if (kernels := _bias_gelu_tanh_kernels(approximate, x.numel(), x)) is not None:
         return _LinearBiasGeluTanh.apply(x, None, x.new_zeros(x.shape[-1]), kernels)
     return F.gelu(x, approximate=approximate)
 
 
-def _bias_gelu_tanh_kernels(approximate: str, x: torch.Tensor, *others: torch.Tensor):
-    """The compiled kernels where they apply: tanh form, eager, no autocast, every tensor fp32."""
+def _bias_gelu_tanh_kernels(approximate: str, elements: int, x: torch.Tensor, *others: torch.Tensor):
+    """The compiled kernels where they apply: tanh form, eager, no autocast, every tensor fp32, an
+    output of ``elements`` values large enough (``kernels.compiled.MIN_ELEMENTS``)."""
     if (
         approximate != "tanh"
         or torch.compiler.is_compiling()
@@ -488,7 +490,7 @@ def _bias_gelu_tanh_kernels(approximate: str, x: torch.Tensor, *others: torch.Te
         or any(t.dtype != torch.float32 for t in others)
     ):
         return None
-    return compiled.bias_gelu_tanh_kernels(x)
+    return compiled.bias_gelu_tanh_kernels(x, elements)
 
 
 class _LinearBiasGeluTanh(torch.autograd.Function):
