@@ -581,8 +581,8 @@ def gated_linear(x_BTD: torch.Tensor, weight_2FD: torch.Tensor, activation: Lite
     On CPU in fp32 the two halves of the weight run as two matmuls into two contiguous outputs:
     the elementwise work then reads no strided halves and copies none (forward and backward of
     the throughput benchmark's SwiGLU, (4096, 256) -> (4096, 688), inputs from memory, two cores:
-    41.4-42.1 ms against 44.1-45.4 through the one fused matmul, ``benchmarks/cpu_kernels.py``).
-    The gate as a compiled kernel (``kernels.compiled``) was no faster here. Elsewhere (CUDA, bf16 autocast, under
+    41.4-42.1 ms against 44.1-45.4 through the one fused matmul, ``benchmarks/cpu_kernels.py``;
+    the gate as a compiled kernel was no faster). Elsewhere (CUDA, bf16 autocast, under
     ``torch.compile``) the one matmul and :func:`gated` run."""
     if (
         torch.compiler.is_compiling()
@@ -706,7 +706,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: flo
     return _rotate_into(out, x, cos, sin, sin_sign)
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float) -> torch.Tensor:
+def _rotate_into(
+    out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float
+) -> torch.Tensor:
     """:func:`_rotate` written into ``out``, which may be a strided view: ``x·cos`` over the whole
     width, then each half's sine term added in place (three passes; four, two per half, took
     1.6 ms where these take 1.3 for (32, 128, 8, 64) on two cores)."""
