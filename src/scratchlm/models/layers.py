@@ -378,6 +378,14 @@ class _Dropout(torch.autograd.Function):
         return _masked_scale(grad, keep, ctx.p), None
 
 
+def _cpu_fp32_eager(*tensors: torch.Tensor) -> bool:
+    """Whether the hand-written CPU routes below take these tensors: every one fp32 on CPU, and
+    not under ``torch.compile`` (which fuses the plain formulas itself)."""
+    return not torch.compiler.is_compiling() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
+    )
+
+
 # --- normalisation -------------------------------------------------------------------------------
 
 
@@ -388,8 +396,8 @@ class RMSNorm(nn.Module):
     PyTorch's CPU ``rms_norm`` is a composite of six ops whose autograd keeps and re-reads their
     intermediates; here the forward takes one fused reduction (``vector_norm``) and two
     multiplies, and the backward five passes with one temporary (forward and backward of
-    (4096, 256) on two cores: 2.4-2.6 ms, against 3.7-4.3 with seven passes and x kept). Elsewhere ``F.rms_norm``
-    runs: on CUDA it is one fused kernel each way (forward and backward of (16384, 768) fp32 on
+    (4096, 256) on two cores: 2.4-2.6 ms, against 3.7-4.3 with seven passes and x kept).
+    Elsewhere ``F.rms_norm`` runs: on CUDA it is one fused kernel each way (forward and backward of (16384, 768) fp32 on
     an H200: 0.17-0.20 ms against 0.53-0.65 ms for the hand-written one; ``benchmarks/kernels.py``);
     so it does under ``torch.compile`` (the compiler fuses it) and for inputs that are not fp32."""
 
@@ -399,12 +407,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.compiler.is_compiling()
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-        ):
+        if not _cpu_fp32_eager(x, self.weight):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return _RMSNorm.apply(x, self.weight, self.eps)
 
@@ -483,12 +486,7 @@ def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torc
 def _bias_gelu_tanh_kernels(approximate: str, elements: int, x: torch.Tensor, *others: torch.Tensor):
     """The compiled kernels where they apply: tanh form, eager, no autocast, every tensor fp32, an
     output of ``elements`` values large enough (``kernels.compiled.MIN_ELEMENTS``)."""
-    if (
-        approximate != "tanh"
-        or torch.compiler.is_compiling()
-        or torch.is_autocast_enabled(x.device.type)
-        or any(t.dtype != torch.float32 for t in others)
-    ):
+    if approximate != "tanh" or not _cpu_fp32_eager(x, *others) or torch.is_autocast_enabled("cpu"):
         return None
     return compiled.bias_gelu_tanh_kernels(x, elements)
 
@@ -584,13 +582,7 @@ def gated_linear(x_BTD: torch.Tensor, weight_2FD: torch.Tensor, activation: Lite
     41.4-42.1 ms against 44.1-45.4 through the one fused matmul, ``benchmarks/cpu_kernels.py``;
     the gate as a compiled kernel was no faster). Elsewhere (CUDA, bf16 autocast, under
     ``torch.compile``) the one matmul and :func:`gated` run."""
-    if (
-        torch.compiler.is_compiling()
-        or x_BTD.device.type != "cpu"
-        or x_BTD.dtype != torch.float32
-        or weight_2FD.dtype != torch.float32
-        or torch.is_autocast_enabled("cpu")
-    ):
+    if not _cpu_fp32_eager(x_BTD, weight_2FD) or torch.is_autocast_enabled("cpu"):
         return gated(F.linear(x_BTD, weight_2FD), activation)
     return _GatedLinear.apply(x_BTD, weight_2FD, activation)
 
