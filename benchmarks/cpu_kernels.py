@@ -1,19 +1,21 @@
 """Our CPU pieces against the plain PyTorch they replace, at the throughput benchmark's shapes.
 
-Each piece the models run on CPU in fp32 instead of the plain formula, timed forward plus backward
+Each piece the models run on CPU in fp32 (one also under bf16 autocast) instead of the plain formula, timed forward plus backward
 (median of ``--reps``, each rep after a sweep over a buffer larger than the caches, so that the
 inputs come from memory as they do inside a training step) against that formula, and checked
 against it (outputs and every input gradient, ``max_abs_diff``):
 
     kernel=<k> scratchlm_ms=<a> torch_ms=<b> ratio=<b/a> max_abs_diff=<d>
 
-ratio > 1: ours is faster. Shapes: batch 32 × sequence 128, width 256, 4 heads of 64, MLP 1024
+ratio > 1: ours is faster. Under bf16 the differences are bf16 rounding: about 1.0 on the weight
+gradient's values of ~300. Shapes: batch 32 × sequence 128, width 256, 4 heads of 64, MLP 1024
 (GELU) or 688 (SwiGLU), as ``benchmarks/throughput.py``'s fixed config.
 
     rms_norm           RMSNorm's hand-written backward       F.rms_norm (ATen's composite)
     gated_linear       two matmuls into contiguous halves    F.linear, then gated() on its halves
     rotary_split       q, k rotated in one autograd node     split_heads, then apply_rope twice
     linear_gelu_tanh   matmul, compiled bias + GELU          F.linear, F.gelu(approximate="tanh")
+    linear_gelu_tanh_bf16   the same under bf16 autocast     the same under bf16 autocast
 
     python benchmarks/cpu_kernels.py [--reps 20] [--threads N]
 """
@@ -108,6 +110,21 @@ def cases():
         (torch.randn(B, T, FF, generator=g),),
     )
 
+    def under_bf16_autocast(fn):
+        def wrapped(*inputs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*inputs)
+
+        return wrapped
+
+    yield (
+        "linear_gelu_tanh_bf16",
+        under_bf16_autocast(lambda x, w, b: linear_gelu(x, w, b, "tanh")),
+        under_bf16_autocast(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
+        [leaf(B, T, D, generator=g), leaf(FF, D, scale=0.05, generator=g), leaf(FF, generator=g)],
+        (torch.randn(B, T, FF, generator=g).bfloat16(),),
+    )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -116,11 +133,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, inputs out of cache")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, inputs out of cache")
     evict = torch.zeros(EVICT_BYTES // 4)
     for name, ours, plain, inputs, grad_out in cases():
         got, want = run(ours, inputs, grad_out), run(plain, inputs, grad_out)
-        diff = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True))
         ours_ms = time_ms(ours, inputs, grad_out, args.reps, evict)
         plain_ms = time_ms(plain, inputs, grad_out, args.reps, evict)
         print(

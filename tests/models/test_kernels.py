@@ -199,6 +199,34 @@ def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias, monkeypatch
 
 
 @needs_a_compiler
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_gelu_tanh_under_bf16_autocast_matches_autocast_linear_then_gelu(with_bias, monkeypatch):
+    """Under CPU bf16 autocast the compiled route takes the pre-activation in bf16 (the matmul in
+    bf16, as autocast's F.linear) and the fp32 bias into its fp32 arithmetic: the output in bf16,
+    the gradients of the fp32 parameters and input in fp32, all within bf16 rounding of autocast's
+    F.linear then F.gelu."""
+    from scratchlm.kernels import compiled
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 32, generator=generator, requires_grad=True)
+    weight = (0.3 * torch.randn(48, 32, generator=generator)).requires_grad_()
+    bias = torch.randn(48, generator=generator).requires_grad_() if with_bias else None
+    grad_out = torch.randn(4, 16, 48, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_gelu(x, weight, bias, "tanh")
+        y_ref = nn.functional.gelu(nn.functional.linear(x, weight, bias), approximate="tanh")
+    assert type(y.grad_fn).__name__ == "_LinearBiasGeluTanhBackward"
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=0.05, rtol=0.02)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    got, want = torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=0.05 * w.abs().max().item(), rtol=0.02)
+
+
+@needs_a_compiler
 def test_gelu_tanh_of_a_strided_tensor_matches_torch(monkeypatch):
     """T5's gate is a strided half of its fused projection."""
     from scratchlm.kernels import compiled
@@ -220,6 +248,7 @@ def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
     from scratchlm.kernels import compiled
 
     monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "ready", set())
     monkeypatch.setitem(compiled._state, "failed", False)
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
     attempts = []
@@ -245,6 +274,7 @@ def test_small_tensors_never_start_the_compiler(monkeypatch):
     from scratchlm.kernels import compiled
 
     monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "ready", set())
     monkeypatch.setitem(compiled._state, "failed", False)
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("the compiler was started"))
     x = torch.randn(4, 16, 32, requires_grad=True)  # output 4·16·64 = 4096 values
