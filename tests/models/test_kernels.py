@@ -323,24 +323,43 @@ def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_short_bf16_attention_on_cpu_computes_in_fp32(autocast):
-    """Below CPU_BF16_MIN_QUERIES queries, bf16 attention is the fp32 computation rounded once
-    (also under autocast, which would otherwise cast it back to bf16); from there on, plain SDPA."""
+def test_short_bf16_attention_on_cpu_runs_as_bf16_matmuls(autocast):
+    """Up to CPU_BF16_MATMUL_MAX_QUERIES queries, eager bf16 attention on CPU is
+    ``matmul_attention`` on the bf16 inputs (an fp32 float mask, as T5's position bias, added to
+    fp32 scores), within bf16 rounding of the fp32 computation; from there on, plain SDPA."""
+    import torch.nn.functional as F
+
+    from scratchlm.models.layers import CPU_BF16_MATMUL_MAX_QUERIES, matmul_attention, sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    for queries, expect_matmul in ((CPU_BF16_MATMUL_MAX_QUERIES, True), (CPU_BF16_MATMUL_MAX_QUERIES + 1, False)):
+        q, k, v = (torch.randn(2, 3, queries, 8, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+        bias = torch.randn(1, 3, queries, queries, generator=generator).requires_grad_()  # fp32, as T5's
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = sdpa(q, k, v, attn_mask=bias, scale=1.0)
+            plain = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        expected = matmul_attention(q, k, v, attn_mask=bias, scale=1.0) if expect_matmul else plain
+        assert y.dtype == torch.bfloat16
+        if expect_matmul:
+            in_fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias, scale=1.0)
+            torch.testing.assert_close(y.float(), in_fp32, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        y.float().square().sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+        assert bias.grad.dtype == torch.float32 and bias.grad.abs().sum() > 0
+
+
+def test_short_bf16_attention_on_cpu_under_compile_computes_in_fp32(monkeypatch):
+    """Where the matmul route is not taken (under torch.compile), bf16 attention below
+    CPU_BF16_MIN_QUERIES queries is the fp32 computation rounded once."""
     import torch.nn.functional as F
 
     from scratchlm.models.layers import CPU_BF16_MIN_QUERIES, sdpa
 
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     generator = torch.Generator().manual_seed(0)
-    for queries, expect_fp32 in ((CPU_BF16_MIN_QUERIES - 1, True), (CPU_BF16_MIN_QUERIES, False)):
-        q, k, v = (torch.randn(2, 3, queries, 8, generator=generator).bfloat16().requires_grad_() for _ in range(3))
-        bias = torch.randn(1, 3, queries, queries, generator=generator).bfloat16()  # a float mask, as T5's
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = sdpa(q, k, v, attn_mask=bias, scale=1.0)
-        assert y.dtype == torch.bfloat16
-        if expect_fp32:
-            expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=1.0)
-        else:
-            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0)
-        y.float().square().sum().backward()
-        assert q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+    q, k, v = (torch.randn(2, 3, CPU_BF16_MIN_QUERIES - 1, 8, generator=generator).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, is_causal=True)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(y, expected.to(torch.bfloat16), rtol=0, atol=0)

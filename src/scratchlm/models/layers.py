@@ -217,31 +217,45 @@ def attend(
     )
 
 
+CPU_BF16_MATMUL_MAX_QUERIES = 256
+"""Up to this many queries, bf16 attention on CPU (eager) runs as batched matmuls with a
+written-out backward (:func:`matmul_attention`: fp32 scores and softmax, bf16 probabilities
+kept for backward). PyTorch's fused CPU kernel cuts the queries into blocks of 32 below 192 of
+them (64 from there, 256 from 768), and in bf16 each block costs more than the arithmetic it
+saves. Forward and backward over 4096 tokens, 4 causal heads of 64, two cores, against the fused
+kernel in fp32 (casts included) and in bf16: 64 queries 7.3 ms against 13.0 and 27.9; 128: 9.8,
+17.3, 31.6; 256: 16.0, 23.4, 22.9; 384: 21.0, 30.9, 23.5; 512: 41.0, 41.0, 31.8 (the fused bf16
+kernel from there, which also keeps no probabilities). In fp32 the two routes are even."""
+
 CPU_BF16_MIN_QUERIES = 192
-"""Below this many queries, bf16 attention on CPU runs in fp32. PyTorch's fused CPU kernel cuts the
-queries into blocks of 32 below 192 of them (64 from there, 256 from 768), and in bf16 each block
-costs more than the arithmetic it saves: forward and backward of 32×4 heads of width 64 at 128
-queries took 39 ms in bf16 and 20 ms in fp32 on two cores; at 192 they are even (24 and 25 ms), at
-512 bf16 wins (35 against 49)."""
+"""Under ``torch.compile``, where the matmul route is not taken: below this many queries, bf16
+attention on CPU computes in fp32 (the fused kernel in fp32: 20 ms against 39 in bf16 for
+forward and backward of 32×4 heads of width 64 at 128 queries; even at 192)."""
 
 
 def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (same arguments, same result dtype), with two CPU routes:
-    bf16 with fewer than ``CPU_BF16_MIN_QUERIES`` queries computes in fp32 (faster there, and the
-    more precise: autocast would cast the inputs back to bf16, so it is off for that call); and fp32
-    attention with dropout runs :func:`matmul_attention` (not under ``torch.compile``): PyTorch's
-    fused CPU kernel has no dropout, and its unfused fallback is slower than ours."""
+    """``F.scaled_dot_product_attention`` (same arguments, same result dtype), with CPU routes
+    for what PyTorch's fused CPU kernel does slowly or not at all: bf16 over up to
+    ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused kernel has none, and
+    its unfused fallback is slower), run :func:`matmul_attention` when not under
+    ``torch.compile``; compiled, bf16 with fewer than ``CPU_BF16_MIN_QUERIES`` queries computes in
+    fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
-    if q_BHQK.dtype == torch.bfloat16 and q_BHQK.shape[-2] < CPU_BF16_MIN_QUERIES:
+    eager = not torch.compiler.is_compiling()
+    dtypes = {q_BHQK.dtype, k_BGTK.dtype, v_BGTK.dtype}
+    queries = q_BHQK.shape[-2]
+    if eager and dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES:
+        with torch.autocast("cpu", enabled=False):
+            return matmul_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
+    if q_BHQK.dtype == torch.bfloat16 and queries < CPU_BF16_MIN_QUERIES:
         mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs["attn_mask"] = mask.float()  # an additive bias (T5's positions) in the scores' dtype
         with torch.autocast("cpu", enabled=False):
             y = sdpa(q_BHQK.float(), k_BGTK.float(), v_BGTK.float(), **kwargs)
         return y.to(q_BHQK.dtype)
-    fp32 = q_BHQK.dtype == k_BGTK.dtype == v_BGTK.dtype == torch.float32
-    if fp32 and kwargs.get("dropout_p", 0.0) > 0.0 and not torch.compiler.is_compiling():
+    if eager and dtypes == {torch.float32} and kwargs.get("dropout_p", 0.0) > 0.0:
         with torch.autocast("cpu", enabled=False):
             return matmul_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
     return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
@@ -271,30 +285,36 @@ def matmul_attention(
 
 
 class _MatmulAttention(torch.autograd.Function):
+    """The scores and their softmax are computed in fp32 whatever the inputs' dtype (bf16 keeps 8
+    bits of a score: on one of 8 that moves its probability by up to 3%), so the scores' matmul
+    takes fp32 copies of queries and keys, as a fused kernel accumulates in fp32. The
+    probabilities are then kept in the inputs' dtype, in which they meet the values and the
+    backward runs (ATen's softmax backward computes in fp32 inside), as in a fused kernel. With
+    fp32 inputs every cast is a no-op."""
+
     @staticmethod
     def forward(ctx, q_BHQK, k_BGTK, v_BGTK, mask, causal, scale, dropout_p):
         B, H, Q, K = q_BHQK.shape
         G, T = k_BGTK.shape[1:3]
         # (B·G, R·Q, K): the R = H/G query heads of a group, one after another, share its keys.
         q_bRK, k_bTK, v_bTK = q_BHQK.reshape(B * G, -1, K), k_BGTK.reshape(B * G, T, K), v_BGTK.reshape(B * G, T, K)
+        wide = torch.promote_types(q_bRK.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        q32_bRK, k32_bTK = q_bRK.to(wide), k_bTK.to(wide)
         if causal:
-            bias_QT = q_BHQK.new_full((Q, T), float("-inf")).triu_(1)
-            scores_bRT = torch.baddbmm(bias_QT.repeat(H // G, 1), q_bRK, k_bTK.transpose(1, 2), alpha=scale)
+            bias_QT = q32_bRK.new_full((Q, T), float("-inf")).triu_(1)
+            scores_bRT = torch.baddbmm(bias_QT.repeat(H // G, 1), q32_bRK, k32_bTK.transpose(1, 2), alpha=scale)
         else:
-            scores_bRT = torch.bmm(q_bRK, k_bTK.transpose(1, 2)).mul_(scale)
+            scores_bRT = torch.bmm(q32_bRK, k32_bTK.transpose(1, 2)).mul_(scale)
+        del q32_bRK, k32_bTK
         scores_BHQT = scores_bRT.view(B, H, Q, T)
         if mask is not None and mask.dtype == torch.bool:
             scores_BHQT.masked_fill_(~mask, float("-inf"))
         elif mask is not None:
             scores_BHQT.add_(mask)
-        probs_bRT = torch.ops.aten._softmax.out(scores_bRT, -1, False, out=scores_bRT)
-        keep = None
-        if dropout_p > 0.0:
-            keep = keep_mask(probs_bRT.shape, dropout_p, probs_bRT.device)
-            out_bRK = torch.bmm(_masked_scale(probs_bRT, keep, dropout_p), v_bTK)
-        else:
-            out_bRK = torch.bmm(probs_bRT, v_bTK)
-        ctx.save_for_backward(q_bRK, k_bTK, v_bTK, probs_bRT, keep, out_bRK)
+        probs_bRT = torch.ops.aten._softmax.out(scores_bRT, -1, False, out=scores_bRT).to(v_bTK.dtype)
+        keep = keep_mask(probs_bRT.shape, dropout_p, probs_bRT.device) if dropout_p > 0.0 else None
+        out_bRK = torch.bmm(probs_bRT if keep is None else _masked_scale(probs_bRT, keep, dropout_p), v_bTK)
+        ctx.save_for_backward(q_bRK, k_bTK, v_bTK, probs_bRT, keep)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.mask_shape = None if mask is None or mask.dtype == torch.bool else mask.shape
         return out_bRK.view(B, H, Q, K)
@@ -303,18 +323,19 @@ class _MatmulAttention(torch.autograd.Function):
     def backward(ctx, grad_out_BHQK):
         """With A the (dropped-out) probabilities and O = A·V: grad V = Aᵀ·grad O; grad A =
         grad O·Vᵀ (times the dropout mask and scale: grad P); grad scores = P ∘ (grad P − Σ_rows
-        grad O ∘ O); grad Q = scale · grad scores · K, grad K = scale · grad scoresᵀ · Q."""
-        q_bRK, k_bTK, v_bTK, probs_bRT, keep, out_bRK = ctx.saved_tensors
+        P ∘ grad P), the softmax backward; grad Q = scale · grad scores · K, grad K = scale ·
+        grad scoresᵀ · Q."""
+        q_bRK, k_bTK, v_bTK, probs_bRT, keep = ctx.saved_tensors
         B, H, Q, K = grad_out_BHQK.shape
         G, T = k_bTK.shape[0] // B, k_bTK.shape[1]
-        grad_out_bRK = grad_out_BHQK.reshape(out_bRK.shape)
+        grad_out_bRK = grad_out_BHQK.to(v_bTK.dtype).reshape(-1, H // G * Q, K)
         used_bRT = probs_bRT if keep is None else _masked_scale(probs_bRT, keep, ctx.dropout_p)
         grad_v_bTK = torch.bmm(used_bRT.transpose(1, 2), grad_out_bRK)
+        del used_bRT
         grad_bRT = torch.bmm(grad_out_bRK, v_bTK.transpose(1, 2))
         if keep is not None:
             grad_bRT = _masked_scale(grad_bRT, keep, ctx.dropout_p)
-        row_dot_bR1 = (grad_out_bRK * out_bRK).sum(-1, keepdim=True)
-        grad_scores_bRT = grad_bRT.sub_(row_dot_bR1).mul_(probs_bRT)
+        grad_scores_bRT = torch._softmax_backward_data(grad_bRT, probs_bRT, -1, probs_bRT.dtype)
         grad_q_bRK = torch.bmm(grad_scores_bRT, k_bTK).mul_(ctx.scale)
         grad_k_bTK = torch.bmm(grad_scores_bRT.transpose(1, 2), q_bRK).mul_(ctx.scale)
         grad_mask = None
