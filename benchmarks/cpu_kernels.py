@@ -1,9 +1,9 @@
 """Our CPU pieces against the plain PyTorch they replace, at the throughput benchmark's shapes.
 
-Each piece the models run on CPU in fp32 (one also under bf16 autocast) instead of the plain formula, timed forward plus backward
-(median of ``--reps``, each rep after a sweep over a buffer larger than the caches, so that the
-inputs come from memory as they do inside a training step) against that formula, and checked
-against it (outputs and every input gradient, ``max_abs_diff``):
+Each piece the models run on CPU in fp32 or bf16 instead of the plain formula, timed forward
+plus backward (median of ``--reps``, each rep after a sweep over a buffer larger than the caches,
+so that the inputs come from memory as they do inside a training step) against that formula, and
+checked against it (outputs and every input gradient, ``max_abs_diff``):
 
     kernel=<k> scratchlm_ms=<a> torch_ms=<b> ratio=<b/a> max_abs_diff=<d>
 
@@ -16,6 +16,7 @@ gradient's values of ~300. Shapes: batch 32 × sequence 128, width 256, 4 heads 
     rotary_split       q, k rotated in one autograd node     split_heads, then apply_rope twice
     linear_gelu_tanh   matmul, compiled bias + GELU          F.linear, F.gelu(approximate="tanh")
     linear_gelu_tanh_bf16   the same under bf16 autocast     the same under bf16 autocast
+    attention_bf16     causal, bf16: matmuls, fp32 softmax   F.scaled_dot_product_attention
 
     python benchmarks/cpu_kernels.py [--reps 20] [--threads N]
 """
@@ -35,6 +36,7 @@ from scratchlm.models.layers import (
     linear_gelu,
     rope_cos_sin,
     rotary_split_heads,
+    sdpa,
     split_heads,
 )
 
@@ -123,6 +125,21 @@ def cases():
         under_bf16_autocast(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
         [leaf(B, T, D, generator=g), leaf(FF, D, scale=0.05, generator=g), leaf(FF, generator=g)],
         (torch.randn(B, T, FF, generator=g).bfloat16(),),
+    )
+
+    def attention(fn):
+        def heads(packed):
+            q, k, v = split_heads(packed, [H, H, H])
+            return fn(q, k, v, is_causal=True)
+
+        return heads
+
+    yield (
+        "attention_bf16",
+        attention(sdpa),
+        attention(F.scaled_dot_product_attention),
+        [leaf(B, T, 3 * H, D // H, generator=g).detach().bfloat16().requires_grad_()],
+        (torch.randn(B, H, T, D // H, generator=g).bfloat16(),),
     )
 
 

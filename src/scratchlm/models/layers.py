@@ -510,7 +510,11 @@ def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torc
 
 
 def _bias_gelu_tanh_route(
-    approximate: str, elements: int, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    approximate: str,
+    elements: int,
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[tuple, torch.dtype] | None:
     """(the compiled kernels, the dtype they take the pre-activation in) where they apply: tanh
     form, CPU, eager, an output of ``elements`` values large enough
