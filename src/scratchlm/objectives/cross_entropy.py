@@ -139,7 +139,9 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     need_features, need_weight, need_bias = wants_grad
     any_grad = need_features or need_weight or need_bias
     grad_x_ND = torch.empty_like(x_ND) if need_features else None
-    grad_w_VD = torch.zeros(V, D, dtype=softmax_dtype, device=weight_VD.device) if need_weight else None
+    # The first chunk writes the weight's gradient, the others add to it (zeros only if none runs).
+    new_grad = torch.zeros if N == 0 else torch.empty
+    grad_w_VD = new_grad(V, D, dtype=softmax_dtype, device=weight_VD.device) if need_weight else None
     grad_b_V = torch.zeros(V, dtype=softmax_dtype, device=weight_VD.device) if need_bias else None
 
     rows = max(1, min(chunk_rows, N))
@@ -153,6 +155,10 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     low_precision = compute_dtype != softmax_dtype
     work_buffer = x_ND.new_empty(block, V, dtype=softmax_dtype) if low_precision and fused_softmax is None else None
     weight_grad_chunk = x_ND.new_empty(V, D) if need_weight and low_precision else None
+    # The low-precision chunk's gradient is widened into a buffer of its own before it is added:
+    # ``add_`` of mixed dtypes widens into a fresh (V, D) tensor per chunk, whose pages the kernel
+    # zero-fills every time (bf16, V=8192, D=256: 3.1 ms a chunk in a training step).
+    weight_grad_wide = grad_w_VD.new_empty(V, D) if weight_grad_chunk is not None else None
 
     # Per row, filled block by block, used once after the loop: the target's logit less the row's
     # highest, and the row's sum of exp(logit - highest).
@@ -191,10 +197,16 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
         if need_features:
             torch.mm(grad_nV, w_VD, out=grad_x_ND[start:stop])
         if need_weight:
-            if weight_grad_chunk is None:
+            if weight_grad_chunk is None and start == 0:
+                torch.mm(grad_nV.t(), x_nD, out=grad_w_VD)
+            elif weight_grad_chunk is None:
                 grad_w_VD.addmm_(grad_nV.t(), x_nD)
             else:
-                grad_w_VD.add_(torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk))
+                torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk)
+                target = grad_w_VD if start == 0 else weight_grad_wide
+                target.copy_(weight_grad_chunk)
+                if start > 0:
+                    grad_w_VD.add_(weight_grad_wide)
 
     scored_N1 = scored_N.unsqueeze(1)
     target_logprob_N1 = shifted_target_N1 - sum_exp_N1.log_()
