@@ -7,13 +7,15 @@ takes 0.9 and 1.6), and a linear layer's bias is one more pass over its output (
 in before the matmul). Written as ``x·σ(2u)`` (``0.5·(1 + tanh u) = σ(2u)``) with the bias added
 inside, each direction is one compiled loop: with the inputs out of cache, forward 3.2 ms against
 5.8 for the bias copy and ATen's GELU, backward 3.5 ms against 5.4; values within 5e-7 of ATen's
-(``benchmarks/results/2026-11-26-cpu-2core.md``).
+(``benchmarks/results/2026-11-26-cpu-2core.md``). ATen's bf16 kernel costs what its fp32 one does;
+under bf16 autocast the same loops read and write bf16 (``GELU_TANH_DTYPES``).
 
-Each kernel is compiled once per process on first use, for any shape: about 8 s on two cores
-(22 s the first time on a machine, before Inductor's cache on disk holds it). At a few ms saved per
-layer and step that pays back within a few hundred steps, so tensors under ``MIN_ELEMENTS`` values
-(tests, toy models) keep the eager kernels and never start the compiler. Where compiling fails (no
-C++ compiler, an unsupported platform) one warning is given and the eager kernels run from then on.
+Each kernel is compiled once per process and dtype on first use, for any shape: about 8 s on
+two cores (22 s the first time on a machine, before Inductor's cache on disk holds it). At a few
+ms saved per layer and step that pays back within a few hundred steps, so tensors under
+``MIN_ELEMENTS`` values (tests, toy models) keep the eager kernels and never start the compiler.
+Where compiling fails (no C++ compiler, an unsupported platform) one warning is given and the
+eager kernels run from then on.
 """
 
 from collections.abc import Callable
@@ -57,7 +59,10 @@ _state: dict = {"kernels": None, "ready": set(), "failed": False}
 
 
 def bias_gelu_tanh_kernels(
-    x: torch.Tensor, elements: int, dtype: torch.dtype | None = None, bias_dtype: torch.dtype = torch.float32
+    x: torch.Tensor,
+    elements: int,
+    dtype: torch.dtype | None = None,
+    bias_dtype: torch.dtype = torch.float32,
 ) -> tuple[Callable, Callable] | None:
     """(forward, backward) of :func:`bias_gelu_tanh_forward` and :func:`bias_gelu_tanh_backward`
     compiled for rows (N, F) of ``dtype`` (``x``'s by default) and a bias (F,) of ``bias_dtype`` on
