@@ -196,17 +196,17 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
         grad_nV = logits_nV
         if need_features:
             torch.mm(grad_nV, w_VD, out=grad_x_ND[start:stop])
-        if need_weight:
-            if weight_grad_chunk is None and start == 0:
+        if need_weight and weight_grad_chunk is None:  # computed in the gradient's dtype
+            if start == 0:
                 torch.mm(grad_nV.t(), x_nD, out=grad_w_VD)
-            elif weight_grad_chunk is None:
-                grad_w_VD.addmm_(grad_nV.t(), x_nD)
             else:
-                torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk)
-                target = grad_w_VD if start == 0 else weight_grad_wide
-                target.copy_(weight_grad_chunk)
-                if start > 0:
-                    grad_w_VD.add_(weight_grad_wide)
+                grad_w_VD.addmm_(grad_nV.t(), x_nD)
+        elif need_weight:
+            torch.mm(grad_nV.t(), x_nD, out=weight_grad_chunk)
+            if start == 0:
+                grad_w_VD.copy_(weight_grad_chunk)
+            else:
+                grad_w_VD.add_(weight_grad_wide.copy_(weight_grad_chunk))
 
     scored_N1 = scored_N.unsqueeze(1)
     target_logprob_N1 = shifted_target_N1 - sum_exp_N1.log_()
