@@ -238,9 +238,12 @@ def softmax_block(
     exponential per logit and five passes over the block: ``log_softmax`` followed by ``exp`` for
     the softmax took two exponentials and six passes (64 × 8192 fp32 on two cores, in cache:
     225 -> 147 µs)."""
-    work_bV = logits_bV if work_bV is None else work_bV
-    row_max_b1 = torch.amax(logits_bV, 1, keepdim=True).to(work_bV.dtype)
-    shifted_bV = torch.sub(logits_bV, row_max_b1, out=work_bV)
+    if work_bV is None:
+        work_bV = logits_bV
+    else:  # widened first: the max and the shift over low-precision values cost twice as much
+        work_bV.copy_(logits_bV)
+    row_max_b1 = torch.amax(work_bV, 1, keepdim=True)
+    shifted_bV = work_bV.sub_(row_max_b1)
     torch.gather(shifted_bV, 1, targets_b1, out=shifted_target_b1)
     exp_bV = shifted_bV.exp_()
     torch.sum(exp_bV, 1, keepdim=True, out=sum_exp_b1)
