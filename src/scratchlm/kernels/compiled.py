@@ -59,14 +59,11 @@ _state: dict = {"kernels": None, "ready": set(), "failed": False}
 
 
 def bias_gelu_tanh_kernels(
-    x: torch.Tensor,
-    elements: int,
-    dtype: torch.dtype | None = None,
-    bias_dtype: torch.dtype = torch.float32,
+    x: torch.Tensor, elements: int, dtype: torch.dtype | None = None
 ) -> tuple[Callable, Callable] | None:
     """(forward, backward) of :func:`bias_gelu_tanh_forward` and :func:`bias_gelu_tanh_backward`
-    compiled for rows (N, F) of ``dtype`` (``x``'s by default) and a bias (F,) of ``bias_dtype`` on
-    ``x``'s device, for an output of ``elements`` values; None where they do not apply (another
+    compiled for rows (N, F) of ``dtype`` (``x``'s by default) and an fp32 bias (F,) on ``x``'s
+    device, for an output of ``elements`` values; None where they do not apply (another
     device or dtype, fewer than ``MIN_ELEMENTS`` values) or compiling failed."""
     dtype = x.dtype if dtype is None else dtype
     if (
@@ -76,7 +73,7 @@ def bias_gelu_tanh_kernels(
         or _state["failed"]
     ):
         return None
-    key = (x.device.type, dtype, bias_dtype)
+    key = (x.device.type, dtype)
     if key not in _state["ready"]:
         # Compiled here for each dtype, so that a failure shows now and not in a backward, on a
         # sample of a training step's size: the compiler takes the first length as the typical
@@ -89,7 +86,7 @@ def bias_gelu_tanh_kernels(
                 )
             forward, backward = _state["kernels"]
             sample = torch.linspace(-4.0, 4.0, 1 << 20, device=x.device).view(1024, 1024).to(dtype)
-            bias = torch.zeros(1024, device=x.device, dtype=bias_dtype)
+            bias = torch.zeros(1024, device=x.device)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 forward(sample, bias)
                 backward(torch.ones_like(sample), sample, bias)

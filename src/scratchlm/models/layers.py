@@ -242,10 +242,11 @@ def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwa
     fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
-    eager = not torch.compiler.is_compiling()
     dtypes = {q_BHQK.dtype, k_BGTK.dtype, v_BGTK.dtype}
     queries = q_BHQK.shape[-2]
-    if eager and dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES:
+    short_bf16 = dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES
+    fp32_dropout = dtypes == {torch.float32} and kwargs.get("dropout_p", 0.0) > 0.0
+    if (short_bf16 or fp32_dropout) and not torch.compiler.is_compiling():
         with torch.autocast("cpu", enabled=False):
             return matmul_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
     if q_BHQK.dtype == torch.bfloat16 and queries < CPU_BF16_MIN_QUERIES:
@@ -255,9 +256,6 @@ def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwa
         with torch.autocast("cpu", enabled=False):
             y = sdpa(q_BHQK.float(), k_BGTK.float(), v_BGTK.float(), **kwargs)
         return y.to(q_BHQK.dtype)
-    if eager and dtypes == {torch.float32} and kwargs.get("dropout_p", 0.0) > 0.0:
-        with torch.autocast("cpu", enabled=False):
-            return matmul_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
     return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
 
 
