@@ -12,8 +12,11 @@ gradient's values of ~300. Shapes: batch 32 × sequence 128, width 256, 4 heads 
 (GELU) or 688 (SwiGLU), as ``benchmarks/throughput.py``'s fixed config.
 
     rms_norm           RMSNorm's hand-written backward       F.rms_norm (ATen's composite)
-    gated_linear       two matmuls into contiguous halves    F.linear, then gated() on its halves
-    rotary_split       q, k rotated in one autograd node     split_heads, then apply_rope twice
+    gated_linear       two matmuls, compiled gate            F.linear, F.silu(a) * b on its halves
+    gated_linear_bf16  one matmul, compiled gate on halves   the same under bf16 autocast
+    rotary_split       q, k rotated in one autograd node,    split_heads, then apply_rope twice
+                       compiled
+    rotary_split_bf16  the same in bf16                      the same, cast to bf16
     linear_gelu_tanh   matmul, compiled bias + GELU          F.linear, F.gelu(approximate="tanh")
     linear_gelu_tanh_bf16   the same under bf16 autocast     the same under bf16 autocast
     attention_bf16     causal, bf16: matmuls, fp32 softmax   F.scaled_dot_product_attention
@@ -31,7 +34,6 @@ import torch.nn.functional as F
 from scratchlm.models.layers import (
     RMSNorm,
     apply_rope,
-    gated,
     gated_linear,
     linear_gelu,
     rope_cos_sin,
@@ -84,10 +86,14 @@ def cases():
         [leaf(B, T, D, generator=g), norm.weight],
         (torch.randn(B, T, D, generator=g),),
     )
+    def swiglu(x, w):
+        a, b = F.linear(x, w).chunk(2, dim=-1)
+        return F.silu(a) * b
+
     yield (
         "gated_linear",
         lambda x, w: gated_linear(x, w, "silu"),
-        lambda x, w: gated(F.linear(x, w), "silu"),
+        swiglu,
         [leaf(B, T, D, generator=g), leaf(2 * FF_GATED, D, scale=0.05, generator=g)],
         (torch.randn(B, T, FF_GATED, generator=g),),
     )
@@ -125,6 +131,21 @@ def cases():
         under_bf16_autocast(lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh")),
         [leaf(B, T, D, generator=g), leaf(FF, D, scale=0.05, generator=g), leaf(FF, generator=g)],
         (torch.randn(B, T, FF, generator=g).bfloat16(),),
+    )
+
+    yield (
+        "gated_linear_bf16",
+        under_bf16_autocast(lambda x, w: gated_linear(x, w, "silu")),
+        under_bf16_autocast(swiglu),
+        [leaf(B, T, D, generator=g), leaf(2 * FF_GATED, D, scale=0.05, generator=g)],
+        (torch.randn(B, T, FF_GATED, generator=g).bfloat16(),),
+    )
+    yield (
+        "rotary_split_bf16",
+        lambda packed: rotary_split_heads(packed, cos, sin, [H, H, H]),
+        lambda packed: tuple(t.to(packed.dtype) for t in split_then_rope(packed)),
+        [leaf(B, T, 3 * H, D // H, generator=g).detach().bfloat16().requires_grad_()],
+        tuple(torch.randn(B, H, T, D // H, generator=g).bfloat16() for _ in range(3)),
     )
 
     def attention(fn):

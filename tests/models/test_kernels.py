@@ -1,4 +1,5 @@
-"""The hand-written eager kernels equal what they replace, forward and backward."""
+"""The hand-written eager kernels, and the compiled ones of ``kernels.compiled``, equal what they
+replace, forward and backward."""
 
 import shutil
 import warnings
@@ -8,7 +9,20 @@ import torch
 
 from torch import nn
 
+from scratchlm.kernels import compiled
 from scratchlm.models.layers import RMSNorm, apply_rope, gated, gated_linear, gelu, linear_gelu, rope_cos_sin
+
+needs_a_compiler = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("clang++")), reason="the compiled CPU kernels need a C++ compiler"
+)
+def case(route: str, *values):
+    """A parameter set whose compiled route needs a compiler."""
+    return pytest.param(route, *values, marks=[needs_a_compiler] if route == "compiled" else [])
+
+
+def take_route(route: str, monkeypatch) -> None:
+    """Small tensors take the compiled kernels too ("compiled"), or none do ("eager")."""
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1 if route == "compiled" else 1 << 62)
 
 
 def textbook(x, cos, sin):
@@ -42,15 +56,25 @@ def test_rope_matches_the_formula(per_document, dtype):
     torch.testing.assert_close(grad, grad_ref, **tolerance)
 
 
-@pytest.mark.parametrize("per_document", [False, True])
-@pytest.mark.parametrize("heads", [[2, 2, 2], [4, 2, 2]])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_split_heads_matches_split_then_rope(per_document, heads, dtype):
+ROTARY_CASES = [
+    case("eager", per_document, heads, dtype)
+    for per_document in (False, True)
+    for heads in ([2, 2, 2], [4, 2, 2])
+    for dtype in (torch.float32, torch.bfloat16)
+] + [  # compiling takes seconds a case: two cover the compiled kernels' variants
+    case("compiled", True, [4, 2, 2], torch.float32),
+    case("compiled", False, [2, 2, 2], torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("route", "per_document", "heads", "dtype"), ROTARY_CASES)
+def test_rotary_split_heads_matches_split_then_rope(route, per_document, heads, dtype, monkeypatch):
     """One node for splitting a fused QKV output and rotating queries and keys (grouped keys too):
     the same three tensors and the same gradient for the fused output as the textbook formula
-    applied after a plain split, also where the loss leaves the values out."""
+    applied after a plain split, also where the loss leaves the values out; eager and compiled."""
     from scratchlm.models.layers import rotary_split_heads, split_heads
 
+    take_route(route, monkeypatch)
     generator = torch.Generator().manual_seed(0)
     B, T, K = 3, 7, 8
     positions = torch.randint(0, 50, (B, T), generator=generator) if per_document else torch.arange(T)
@@ -58,6 +82,7 @@ def test_rotary_split_heads_matches_split_then_rope(per_document, heads, dtype):
     packed = torch.randn(B, T, sum(heads), K, generator=generator).to(dtype).requires_grad_()
     packed_ref = packed.detach().clone().requires_grad_()
     got = rotary_split_heads(packed, cos, sin, heads)
+    assert (getattr(got[0].grad_fn, "backward_kernel", None) is not None) == (route == "compiled")
     q_ref, k_ref, v_ref = split_heads(packed_ref, heads)
     want = (textbook(q_ref.float(), cos, sin).to(dtype), textbook(k_ref.float(), cos, sin).to(dtype), v_ref)
     for g, w in zip(got, want, strict=True):
@@ -128,9 +153,13 @@ def test_rms_norm_in_other_dtypes_is_torch_composite():
     torch.testing.assert_close(norm(bf16), nn.functional.rms_norm(bf16, (8,), norm.weight, 1e-6))
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_activation_matches_the_formula(activation, dtype):
+@pytest.mark.parametrize(
+    ("route", "activation", "dtype"),
+    [case("eager", a, d) for a in ("silu", "gelu") for d in (torch.float32, torch.bfloat16)]
+    + [case("compiled", "silu", torch.bfloat16), case("compiled", "gelu", torch.float32)],
+)
+def test_gated_activation_matches_the_formula(route, activation, dtype, monkeypatch):
+    take_route(route, monkeypatch)
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(2, 5, 12, generator=generator).to(dtype).requires_grad_()
     h_ref = h.detach().clone().requires_grad_()
@@ -138,6 +167,7 @@ def test_gated_activation_matches_the_formula(activation, dtype):
     a, b = h_ref.chunk(2, dim=-1)
     y, y_ref = gated(h, activation), getattr(torch.nn.functional, activation)(a) * b
     assert y.dtype == dtype
+    assert (y.grad_fn.backward_kernel is not None) == (route == "compiled")
     torch.testing.assert_close(y, y_ref)
     (grad,) = torch.autograd.grad(y, h, grad_out)
     (grad_ref,) = torch.autograd.grad(y_ref, h_ref, grad_out)
@@ -147,28 +177,29 @@ def test_gated_activation_matches_the_formula(activation, dtype):
         assert torch.autograd.gradcheck(lambda x: gated(x, activation), (h64,))
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
-@pytest.mark.parametrize("needs", ["both", "input", "weight"])
-def test_gated_linear_matches_one_matmul_and_the_formula(activation, needs):
+@pytest.mark.parametrize(
+    ("route", "activation", "needs"),
+    [case("eager", a, n) for a in ("silu", "gelu") for n in ("both", "input", "weight")]
+    + [case("compiled", "silu", "both")],
+)
+def test_gated_linear_matches_one_matmul_and_the_formula(route, activation, needs, monkeypatch):
     """The two-matmul CPU route of a gated MLP's input projection: values and both gradients as
-    the fused projection followed by ``act(a) * b``, whichever of input and weight wants one."""
+    the fused projection followed by ``act(a) * b``, whichever of input and weight wants one;
+    the gate eager and compiled."""
+    take_route(route, monkeypatch)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 8, generator=generator).requires_grad_(needs != "weight")
     weight = (0.5 * torch.randn(12, 8, generator=generator)).requires_grad_(needs != "input")
     grad_out = torch.randn(3, 5, 6, generator=generator)
     a, b = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
     y, y_ref = gated_linear(x, weight, activation), getattr(torch.nn.functional, activation)(a) * b
+    assert (y.grad_fn.backward_kernel is not None) == (route == "compiled")
     torch.testing.assert_close(y, y_ref)
     inputs = [t for t in (x, weight) if t.requires_grad]
     for got, want in zip(
         torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out), strict=True
     ):
         torch.testing.assert_close(got, want)
-
-
-needs_a_compiler = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("clang++")), reason="the compiled CPU kernels need a C++ compiler"
-)
 
 
 @needs_a_compiler
@@ -247,7 +278,7 @@ def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
     with the same values, and no second attempt."""
     from scratchlm.kernels import compiled
 
-    monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "compiled", {})
     monkeypatch.setitem(compiled._state, "ready", set())
     monkeypatch.setitem(compiled._state, "failed", False)
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
@@ -273,14 +304,14 @@ def test_small_tensors_never_start_the_compiler(monkeypatch):
     models) keep PyTorch's kernels without asking for the compiled ones."""
     from scratchlm.kernels import compiled
 
-    monkeypatch.setitem(compiled._state, "kernels", None)
+    monkeypatch.setitem(compiled._state, "compiled", {})
     monkeypatch.setitem(compiled._state, "ready", set())
     monkeypatch.setitem(compiled._state, "failed", False)
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("the compiler was started"))
     x = torch.randn(4, 16, 32, requires_grad=True)  # output 4·16·64 = 4096 values
     y = linear_gelu(x, torch.randn(64, 32), torch.randn(64), "tanh")
     assert type(y.grad_fn).__name__ == "GeluBackward0"
-    assert compiled.bias_gelu_tanh_kernels(x, compiled.MIN_ELEMENTS - 1) is None
+    assert compiled.bias_gelu_tanh_kernels(1, compiled.MIN_ELEMENTS - 1, torch.float32, x.device) is None
 
 
 def test_liger_swiglu_is_taken_on_cuda_only_and_gets_rows(monkeypatch):

@@ -1,21 +1,29 @@
 """Pointwise kernels that PyTorch's compiler (Inductor) writes for the CPU, taken where PyTorch's
-own eager kernels are slow.
+own eager kernels are slow: each pair of functions below (forward, backward) is one loop each
+way where the eager route makes several passes over memory or evaluates a transcendental slowly.
 
-GELU's tanh form (GPT-2, T5) after a bias: ATen's CPU GELU evaluates the tanh at a cost of its own
-(3.5-3.8 ms forward, 4.1-4.2 ms backward for (4096, 1024) fp32 on two cores, where the erf form
-takes 0.9 and 1.6), and a linear layer's bias is one more pass over its output (``addmm`` copies it
-in before the matmul). Written as ``x·σ(2u)`` (``0.5·(1 + tanh u) = σ(2u)``) with the bias added
-inside, each direction is one compiled loop: with the inputs out of cache, forward 3.2 ms against
-5.8 for the bias copy and ATen's GELU, backward 3.5 ms against 5.4; values within 5e-7 of ATen's
-(``benchmarks/results/2026-11-26-cpu-2core.md``). ATen's bf16 kernel costs what its fp32 one does;
-under bf16 autocast the same loops read and write bf16 (``GELU_TANH_DTYPES``).
+- GELU's tanh form after a bias (GPT-2, T5): ATen's CPU GELU evaluates the tanh at a cost of its
+  own (3.5-3.8 ms forward, 4.1-4.2 ms backward for (4096, 1024) fp32 on two cores, where the erf
+  form takes 0.9 and 1.6), and a linear layer's bias is one more pass over its output (``addmm``
+  copies it in before the matmul). Written as ``x·σ(2u)`` (``0.5·(1 + tanh u) = σ(2u)``) with the
+  bias added inside: forward 2.4 ms against 5.8 for the bias copy and ATen's GELU, backward 2.9
+  against 5.4; values within 5e-7 of ATen's (``benchmarks/results/2026-11-26-cpu-2core.md``).
+  ATen's bf16 kernel costs what its fp32 one does; under bf16 autocast the same loops read and
+  write bf16.
+- Rotary embeddings of a fused QKV projection's queries and keys (Llama, ModernBERT): the eager
+  route (``layers._rotate_into``) makes three passes each way over strided halves.
+- The gate of a gated MLP, ``act(a)·b`` (SwiGLU, GeGLU): ATen makes two passes forward and three
+  backward, and keeps ``act(a)`` for the backward; here one pass each way, and only ``a`` and
+  ``b`` are kept.
 
-Each kernel is compiled once per process and dtype on first use, for any shape: about 8 s on
-two cores (22 s the first time on a machine, before Inductor's cache on disk holds it). At a few
-ms saved per layer and step that pays back within a few hundred steps, so tensors under
-``MIN_ELEMENTS`` values (tests, toy models) keep the eager kernels and never start the compiler.
-Where compiling fails (no C++ compiler, an unsupported platform) one warning is given and the
-eager kernels run from then on.
+Each pair is compiled once per process for each device, dtype and shape of the trailing
+dimensions (the model's widths), with the leading dimensions (batch, length, rows) left dynamic:
+one compile serves every batch, and the loops know their widths (a kernel compiled with every
+dimension dynamic ran 20-50% slower). Compiling takes a few seconds on two cores (more the first
+time on a machine, before Inductor's cache on disk holds it), so tensors under ``MIN_ELEMENTS``
+values (tests, toy models) keep the eager kernels and never start the compiler. Where compiling
+fails (no C++ compiler, an unsupported platform) one warning is given and the eager kernels run
+from then on.
 """
 
 from collections.abc import Callable
@@ -23,21 +31,26 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-GELU_TANH_DEVICES = ("cpu",)
-"""Devices whose GELU-tanh goes through the compiled kernels (on CUDA PyTorch's own kernel is one
-fused pass already)."""
+DEVICES = ("cpu",)
+"""Devices whose pointwise work goes through these kernels (on CUDA PyTorch's own kernels are one
+fused pass already, and ``kernels.liger`` covers the rest)."""
 
-GELU_TANH_DTYPES = (torch.float32, torch.bfloat16)
-"""Dtypes of the pre-activation the kernels take: fp32, and bf16 (under CPU autocast), whose ATen
-tanh GELU costs what fp32's does (4.1 ms forward, 4.2 backward for (4096, 1024) on two cores). The
-arithmetic is fp32 either way; the result comes back in the pre-activation's dtype."""
+DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes the kernels take their activations in: fp32, and bf16 (under CPU autocast), whose ATen
+kernels cost what fp32's do (tanh GELU: 4.1 ms forward, 4.2 backward for (4096, 1024) on two
+cores). The arithmetic is fp32 either way; results come back in the activations' dtype."""
 
 MIN_ELEMENTS = 1 << 18
-"""Outputs smaller than this keep the eager kernels (GPT-2 ``tiny`` at batch 16 × 128: 2^21)."""
+"""Tensors with fewer values than this keep the eager kernels (GPT-2 ``tiny`` at batch 16 × 128:
+an MLP activation of 2^21)."""
 
 _TWO_C = 2 * math.sqrt(2 / math.pi)
 _A = 0.044715
+
+
+# --- the functions compiled ----------------------------------------------------------------------
 
 
 def bias_gelu_tanh_forward(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -55,48 +68,182 @@ def bias_gelu_tanh_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Ten
     return (grad * (s + x * s * (1 - s) * (_TWO_C * (1 + 3 * _A * x * x)))).to(grad.dtype)
 
 
-_state: dict = {"kernels": None, "ready": set(), "failed": False}
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``(x1·cos − x2·sin, x2·cos + x1·sin)`` on the halves of the last dimension, in fp32; cos
+    and sin hold each frequency twice (``layers.rope_cos_sin``), so their first halves suffice."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rotary_forward(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Queries and keys (B, T, n, K), a strided slice of the fused projection, rotated by the
+    fp32 cos/sin (T, 1, K) or (B, T, 1, K), into a new (B, T, n, K) tensor of their dtype."""
+    return _rotate_halves(qk, cos, sin).to(qk.dtype)
+
+
+def rotary_split_backward(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The fused projection's gradient (B, T, N, K) from those of queries, keys (rotated back:
+    the rotation is orthogonal, so by the opposite angle) and values, each (B, T, n, K)."""
+    return torch.cat(
+        [_rotate_halves(grad_q, cos, -sin), _rotate_halves(grad_k, cos, -sin), grad_v.float()], dim=2
+    ).to(grad_v.dtype)
+
+
+def _activation(a: torch.Tensor, name: str) -> torch.Tensor:
+    return a * torch.sigmoid(a) if name == "silu" else F.gelu(a)
+
+
+def gated_forward(a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(a)·b`` in fp32, in ``b``'s dtype; ``activation`` "silu" or "gelu" (the erf form)."""
+    a32 = a.float()
+    return (_activation(a32, activation) * b.float()).to(b.dtype)
+
+
+def gated_backward(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``act(a)·b``, ``(grad·b·act'(a), grad·act(a))``, in ``grad``'s dtype;
+    act'(a) is ``σ(a)·(1 + a·(1 − σ(a)))`` for SiLU and ``Φ(a) + a·φ(a)`` for GELU."""
+    g, a32, b32 = grad.float(), a.float(), b.float()
+    if activation == "silu":
+        s = torch.sigmoid(a32)
+        act, slope = a32 * s, s * (1 + a32 * (1 - s))
+    else:
+        cdf = 0.5 * (1 + torch.erf(a32 * (1 / math.sqrt(2))))
+        act, slope = a32 * cdf, cdf + a32 * torch.exp(-0.5 * a32 * a32) * (1 / math.sqrt(2 * math.pi))
+    return (g * b32 * slope).to(grad.dtype), (g * act).to(grad.dtype)
+
+
+def gated_backward_joined(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
+    """:func:`gated_backward`'s two gradients side by side, (rows, 2F): the gradient of the one
+    tensor whose halves ``a`` and ``b`` are."""
+    return torch.cat(gated_backward(grad, a, b, activation), dim=-1)
+
+
+# --- compiling on first use ----------------------------------------------------------------------
+
+_state: dict = {"compiled": {}, "ready": set(), "failed": False}
+
+
+def kernels(
+    name: str, functions: tuple[Callable, ...], key: tuple, warm_up: Callable[..., None]
+) -> tuple[Callable, ...] | None:
+    """``functions`` compiled, after ``warm_up(*compiled)`` has run them once for ``key`` (the
+    device, dtypes and static widths they will see), or None where compiling failed, now or
+    before (``name`` is the warning's). The warm-up takes inputs of a real call's sizes and
+    layout, with the leading dimensions marked dynamic (:func:`dynamic_leading`): the compiler
+    takes the first sizes it sees as the typical ones (a kernel first compiled for a short tensor
+    runs on one thread), and a failure shows there, in a forward, not in some later backward."""
+    if _state["failed"]:
+        return None
+    try:
+        compiled = tuple(_state["compiled"].get(f) or _compile(f) for f in functions)
+        if key not in _state["ready"]:
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                warm_up(*compiled)
+            _state["ready"].add(key)
+    except Exception as error:  # noqa: BLE001  (any compiler failure)
+        _state["failed"] = True
+        warnings.warn(
+            f"compiling the CPU {name} kernel failed ({type(error).__name__}: {error}); "
+            "PyTorch's eager kernels are used instead",
+            stacklevel=3,
+        )
+        return None
+    return compiled
+
+
+def _compile(function: Callable) -> Callable:
+    _state["compiled"][function] = compiled = torch.compile(function)
+    return compiled
+
+
+def dynamic_leading(t: torch.Tensor) -> torch.Tensor:
+    """A new alias of ``t`` whose leading dimensions (all but the last two; the first of a
+    matrix) the compiler treats as dynamic: batch, length and rows vary, widths do not."""
+    alias = t.detach()
+    for dim in range(max(1, t.dim() - 2) if t.dim() > 1 else 0):
+        torch._dynamo.mark_dynamic(alias, dim)
+    return alias
+
+
+def applies(*tensors: torch.Tensor, elements: int) -> bool:
+    """Whether the kernels may take these tensors: eager, on a device of ``DEVICES``, in dtypes of
+    ``DTYPES``, for an activation of ``elements`` values, at least ``MIN_ELEMENTS``."""
+    return (
+        elements >= MIN_ELEMENTS
+        and not _state["failed"]
+        and not torch.compiler.is_compiling()
+        and all(t.device.type in DEVICES and t.dtype in DTYPES for t in tensors)
+    )
 
 
 def bias_gelu_tanh_kernels(
-    x: torch.Tensor, elements: int, dtype: torch.dtype | None = None
+    rows: int, width: int, dtype: torch.dtype, device: torch.device, pre_activation: torch.Tensor | None = None
 ) -> tuple[Callable, Callable] | None:
-    """(forward, backward) of :func:`bias_gelu_tanh_forward` and :func:`bias_gelu_tanh_backward`
-    compiled for rows (N, F) of ``dtype`` (``x``'s by default) and an fp32 bias (F,) on ``x``'s
-    device, for an output of ``elements`` values; None where they do not apply (another
-    device or dtype, fewer than ``MIN_ELEMENTS`` values) or compiling failed."""
-    dtype = x.dtype if dtype is None else dtype
-    if (
-        x.device.type not in GELU_TANH_DEVICES
-        or dtype not in GELU_TANH_DTYPES
-        or elements < MIN_ELEMENTS
-        or _state["failed"]
-    ):
+    """(:func:`bias_gelu_tanh_forward`, :func:`bias_gelu_tanh_backward`) for pre-activations
+    (rows, width) of ``dtype`` on ``device`` and an fp32 bias (width,); None where they do not
+    apply. The pre-activation is a matmul's contiguous output, or ``pre_activation`` (…, width)
+    in ``dtype`` or cast to it, whose layout the kernels are then compiled for (T5's gate is a
+    strided half)."""
+    if not applies(torch.empty(0, dtype=dtype, device=device), elements=rows * width):
         return None
-    key = (x.device.type, dtype)
-    if key not in _state["ready"]:
-        # Compiled here for each dtype, so that a failure shows now and not in a backward, on a
-        # sample of a training step's size: the compiler takes the first length as the typical
-        # one and leaves a kernel first compiled for a short tensor on one thread (2x slower).
-        try:
-            if _state["kernels"] is None:
-                _state["kernels"] = (
-                    torch.compile(bias_gelu_tanh_forward, dynamic=True),
-                    torch.compile(bias_gelu_tanh_backward, dynamic=True),
-                )
-            forward, backward = _state["kernels"]
-            sample = torch.linspace(-4.0, 4.0, 1 << 20, device=x.device).view(1024, 1024).to(dtype)
-            bias = torch.zeros(1024, device=x.device)
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                forward(sample, bias)
-                backward(torch.ones_like(sample), sample, bias)
-        except Exception as error:  # noqa: BLE001  (any compiler failure)
-            _state["failed"] = True
-            warnings.warn(
-                f"compiling the CPU GELU-tanh kernel failed ({type(error).__name__}: {error}); "
-                "PyTorch's eager kernel is used instead",
-                stacklevel=3,
-            )
-            return None
-        _state["ready"].add(key)
-    return _state["kernels"]
+    bias = torch.zeros(width, device=device)
+
+    def sample() -> torch.Tensor:
+        if pre_activation is None:
+            return torch.zeros(rows, width, dtype=dtype, device=device)
+        return pre_activation.to(dtype).reshape(-1, width)
+
+    def warm_up(forward, backward):
+        h = dynamic_leading(sample())
+        backward(dynamic_leading(forward(h, bias)), h, bias)
+
+    strided = pre_activation is not None and pre_activation.dtype == dtype
+    row_stride = pre_activation.reshape(-1, width).stride(0) if strided else width
+    key = ("gelu_tanh", torch.device(device).type, dtype, width, row_stride)
+    return kernels("GELU-tanh", (bias_gelu_tanh_forward, bias_gelu_tanh_backward), key, warm_up)
+
+
+def rotary_kernels(qk: torch.Tensor, cos: torch.Tensor, heads: list[int]) -> tuple[Callable, Callable] | None:
+    """(:func:`rotary_forward`, :func:`rotary_split_backward`) for queries and keys like ``qk``
+    (B, T, n_q + n_k, K), a slice of the fused projection of ``heads`` = [n_q, n_k, n_v] heads,
+    and fp32 cos/sin like ``cos`` ((T, 1, K) or (B, T, 1, K)); None where they do not apply.
+    The gradients are expected as the attention's backward gives them: (B, n, T, K) tensors,
+    seen through a transpose."""
+    if cos.dtype != torch.float32 or not applies(qk, elements=qk.numel()):
+        return None
+    B, T, _, K = qk.shape
+
+    def warm_up(forward, backward):
+        forward(dynamic_leading(qk), dynamic_leading(cos), dynamic_leading(cos))
+        grads = [dynamic_leading(qk.new_zeros(B, n, T, K).transpose(1, 2)) for n in heads]
+        backward(*grads, dynamic_leading(cos), dynamic_leading(cos))
+
+    key = ("rotary", qk.device.type, qk.dtype, cos.dim(), K, *heads)
+    return kernels("rotary", (rotary_forward, rotary_split_backward), key, warm_up)
+
+
+def gated_kernels(a: torch.Tensor, b: torch.Tensor, activation: str) -> tuple[Callable, Callable] | None:
+    """(:func:`gated_forward`, a backward) for ``act(a)·b`` with ``a`` and ``b`` (rows, F) either
+    two contiguous tensors, whose gradients come back as two (:func:`gated_backward`: the
+    matmuls after it read contiguous rows; forward and backward of the throughput benchmark's
+    SwiGLU input projection, interleaved: 34.4 ms against 35.3 through one joined gradient and
+    36.2 eager), or the halves of one
+    (rows, 2F), whose gradient comes back as one (:func:`gated_backward_joined`); None where they
+    do not apply."""
+    if not applies(a, b, elements=a.numel()):
+        return None
+    joined = a.stride(0) != a.shape[-1]
+    backward_function = gated_backward_joined if joined else gated_backward
+
+    def warm_up(forward, backward):
+        a_, b_ = dynamic_leading(a), dynamic_leading(b)
+        backward(dynamic_leading(forward(a_, b_, activation)), a_, b_, activation)
+
+    key = ("gated", activation, a.device.type, a.dtype, a.shape[-1], joined)
+    return kernels(f"gated {activation}", (gated_forward, backward_function), key, warm_up)

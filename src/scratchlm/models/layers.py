@@ -472,8 +472,8 @@ def linear_gelu(
     matmul and one compiled kernel each way that adds the bias and applies GELU
     (``kernels.compiled``: no pass for the bias, and 2.3x faster than ATen's tanh GELU on data in
     cache)."""
-    elements = x.numel() // x.shape[-1] * weight.shape[0]
-    if (route := _bias_gelu_tanh_route(approximate, elements, x, weight, bias)) is not None:
+    rows = x.numel() // x.shape[-1]
+    if (route := _bias_gelu_tanh_route(approximate, rows, weight.shape[0], x, weight, bias)) is not None:
         kernels, dtype = route
         if bias is None:
             bias = torch.zeros(weight.shape[0], device=x.device)
@@ -501,23 +501,26 @@ class LinearGELU(nn.Linear):
 def gelu(x: torch.Tensor, approximate: Literal["none", "tanh"] = "none") -> torch.Tensor:
     """``F.gelu(x, approximate=...)``, the tanh form through the compiled kernels where
     :func:`linear_gelu` takes them."""
-    if (route := _bias_gelu_tanh_route(approximate, x.numel(), x)) is not None:
+    width = x.shape[-1]
+    if (route := _bias_gelu_tanh_route(approximate, x.numel() // max(width, 1), width, x)) is not None:
         kernels, dtype = route
-        return _LinearBiasGeluTanh.apply(x.to(dtype), None, torch.zeros(x.shape[-1], device=x.device), kernels)
+        return _LinearBiasGeluTanh.apply(x.to(dtype), None, torch.zeros(width, device=x.device), kernels)
     return F.gelu(x, approximate=approximate)
 
 
 def _bias_gelu_tanh_route(
     approximate: str,
-    elements: int,
+    rows: int,
+    width: int,
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> tuple[tuple, torch.dtype] | None:
     """(the compiled kernels, the dtype they take the pre-activation in) where they apply: tanh
-    form, CPU, eager, an output of ``elements`` values large enough
+    form, CPU, eager, a pre-activation of (rows, width) large enough
     (``kernels.compiled.MIN_ELEMENTS``), and either every tensor fp32 without autocast or fp32
-    parameters under bf16 autocast (the pre-activation then bf16, as autocast's matmul gives it)."""
+    parameters under bf16 autocast (the pre-activation then bf16, as autocast's matmul gives it).
+    Without a weight, ``x`` is the pre-activation, and the kernels are compiled for its layout."""
     if approximate != "tanh" or torch.compiler.is_compiling():
         return None
     params = [t for t in (weight, bias) if t is not None]
@@ -529,7 +532,7 @@ def _bias_gelu_tanh_route(
         dtype = torch.float32
     else:
         return None
-    kernels = compiled.bias_gelu_tanh_kernels(x, elements, dtype)
+    kernels = compiled.bias_gelu_tanh_kernels(rows, width, dtype, x.device, x if weight is None else None)
     return None if kernels is None else (kernels, dtype)
 
 
@@ -594,25 +597,37 @@ def gated(h_BT2F: torch.Tensor, activation: Literal["silu", "gelu"]) -> torch.Te
 class _Gated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, activation):
-        a, b = h.chunk(2, dim=-1)
+        ctx.activation = activation
+        h_N2F = h.reshape(-1, h.shape[-1])
+        a, b = h_N2F.chunk(2, dim=-1)
+        if (kernels := compiled.gated_kernels(a, b, activation)) is not None:
+            ctx.save_for_backward(h)
+            ctx.backward_kernel = kernels[1]
+            return kernels[0](a, b, activation).view(*h.shape[:-1], -1)
+        ctx.backward_kernel = None
         # Unary kernels read a strided half 2-3x slower than a copy of it costs (GELU on
         # (32, 128, 688): 2.4 ms strided, 0.5 + 0.9 ms copied); products don't care. The
         # activation then runs in place on the copy: one fresh buffer fewer.
         act_a = a.contiguous()
         IN_PLACE_ACTIVATIONS[activation](act_a, out=act_a)
         ctx.save_for_backward(h, act_a)
-        ctx.activation = activation
-        return act_a * b
+        return (act_a * b).view(*h.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_y):
         """grad_a = act'(a)·(grad_y·b), grad_b = grad_y·act(a), each into its half of one buffer."""
+        if ctx.backward_kernel is not None:
+            (h,) = ctx.saved_tensors
+            a, b = h.reshape(-1, h.shape[-1]).chunk(2, dim=-1)
+            grad_N2F = ctx.backward_kernel(grad_y.reshape(a.shape).to(h.dtype), a, b, ctx.activation)
+            return grad_N2F.view(h.shape), None
         h, act_a = ctx.saved_tensors
-        a, b = h.chunk(2, dim=-1)
+        a, b = h.reshape(-1, h.shape[-1]).chunk(2, dim=-1)
+        grad_NF = grad_y.reshape(a.shape)
         grad_h = torch.empty_like(h)
-        grad_a, grad_b = grad_h.chunk(2, dim=-1)
-        torch.mul(grad_y, act_a, out=grad_b)
-        torch.mul(grad_y, b, out=grad_a)  # then act'(a) applied in place: no temporary
+        grad_a, grad_b = grad_h.view(-1, h.shape[-1]).chunk(2, dim=-1)
+        torch.mul(grad_NF, act_a, out=grad_b)
+        torch.mul(grad_NF, b, out=grad_a)  # then act'(a) applied in place: no temporary
         if ctx.activation == "silu":
             torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
         else:
@@ -641,24 +656,34 @@ class _GatedLinear(torch.autograd.Function):
         x_ND = x.reshape(-1, x.shape[-1])
         weight_a, weight_b = weight.chunk(2)
         a, b = torch.mm(x_ND, weight_a.t()), torch.mm(x_ND, weight_b.t())
-        act_a = GATE_ACTIVATIONS[activation](a)
-        ctx.save_for_backward(x_ND, weight, a, b, act_a)
         ctx.activation = activation
-        return (act_a * b).view(*x.shape[:-1], b.shape[-1])
+        if (kernels := compiled.gated_kernels(a, b, activation)) is not None:
+            ctx.backward_kernel = kernels[1]
+            ctx.save_for_backward(x_ND, weight, a, b)
+            y = kernels[0](a, b, activation)
+        else:
+            ctx.backward_kernel = None
+            act_a = GATE_ACTIVATIONS[activation](a)
+            ctx.save_for_backward(x_ND, weight, a, b, act_a)
+            y = act_a * b
+        return y.view(*x.shape[:-1], b.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         """grad_a = act'(a)·(grad_y·b), grad_b = grad_y·act(a); then the matmuls' gradients, each
         half of the weight's gradient written in its place."""
-        x_ND, weight, a, b, act_a = ctx.saved_tensors
+        x_ND, weight, a, b, *act = ctx.saved_tensors
         weight_a, weight_b = weight.chunk(2)
         grad_NF = grad_y.reshape(-1, b.shape[-1])
-        grad_b = grad_NF * act_a
-        grad_a = torch.mul(grad_NF, b)
-        if ctx.activation == "silu":
-            torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+        if ctx.backward_kernel is not None:
+            grad_a, grad_b = ctx.backward_kernel(grad_NF, a, b, ctx.activation)
         else:
-            torch.ops.aten.gelu_backward.grad_input(grad_a, a, grad_input=grad_a)
+            grad_b = grad_NF * act[0]
+            grad_a = torch.mul(grad_NF, b)
+            if ctx.activation == "silu":
+                torch.ops.aten.silu_backward.grad_input(grad_a, a, grad_input=grad_a)
+            else:
+                torch.ops.aten.gelu_backward.grad_input(grad_a, a, grad_input=grad_a)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_a, weight_a).addmm_(grad_b, weight_b).view(*grad_y.shape[:-1], -1)
@@ -767,41 +792,52 @@ def rotary_split_heads(
     values (B, n, T, K), ``heads`` = [queries, keys, values] heads, with queries and keys rotated
     by cos/sin as :func:`apply_rope` (in fp32, then in the values' dtype).
 
-    In fp32, eagerly, this is one autograd node: queries and keys are rotated together into one
+    Eagerly on CPU this is one autograd node: queries and keys are rotated together into one
     buffer, and the backward rotates their gradients straight into their places of the
     projection's gradient, the values' beside them, where the separate route rotates each into a
     fresh tensor and then concatenates the three (forward and backward of (32, 128, 12, 64) from
-    memory on two cores: 7.5-8.6 ms against 8.3-9.1, ``benchmarks/cpu_kernels.py``)."""
-    if torch.compiler.is_compiling() or packed_BTNK.dtype != torch.float32 or cos.dtype != torch.float32:
-        q_BHTK, k_BGTK, v_BGTK = split_heads(packed_BTNK, heads)
-        return apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype), apply_rope(k_BGTK, cos, sin).to(v_BGTK.dtype), v_BGTK
-    return _RotarySplit.apply(packed_BTNK, cos, sin, heads[0], heads[1])
+    memory on two cores: 7.5-8.6 ms against 8.3-9.1, ``benchmarks/cpu_kernels.py``). Large enough
+    tensors, fp32 or bf16, take a compiled kernel each way (``kernels.compiled``: 1.2 and 2.7 ms
+    against 2.9 and 4.0 for the eager passes); smaller fp32 ones the eager passes."""
+    n_qk = heads[0] + heads[1]
+    if not torch.compiler.is_compiling():
+        cos_T1K = cos.unsqueeze(-2)
+        if (kernels := compiled.rotary_kernels(packed_BTNK[:, :, :n_qk], cos_T1K, heads)) is not None:
+            return _RotarySplit.apply(packed_BTNK, cos, sin, heads[0], heads[1], kernels)
+        if packed_BTNK.dtype == torch.float32 and cos.dtype == torch.float32:
+            return _RotarySplit.apply(packed_BTNK, cos, sin, heads[0], heads[1], None)
+    q_BHTK, k_BGTK, v_BGTK = split_heads(packed_BTNK, heads)
+    return apply_rope(q_BHTK, cos, sin).to(v_BGTK.dtype), apply_rope(k_BGTK, cos, sin).to(v_BGTK.dtype), v_BGTK
 
 
 class _RotarySplit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, packed, cos, sin, n_q, n_k):
+    def forward(ctx, packed, cos, sin, n_q, n_k, kernels):
         cos_T1K, sin_T1K = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (…, T, 1, K): over the heads
         B, T, N, K = packed.shape
-        rotated = packed.new_empty(B, T, n_q + n_k, K)
-        _rotate_into(rotated, packed[:, :, : n_q + n_k], cos_T1K, sin_T1K, sin_sign=1.0)
+        if kernels is None:
+            rotated = packed.new_empty(B, T, n_q + n_k, K)
+            _rotate_into(rotated, packed[:, :, : n_q + n_k], cos_T1K, sin_T1K, sin_sign=1.0)
+        else:
+            rotated = kernels[0](packed[:, :, : n_q + n_k], cos_T1K, sin_T1K)
         ctx.save_for_backward(cos_T1K, sin_T1K)
-        ctx.splits = (n_q, n_k)
+        ctx.splits, ctx.backward_kernel = (n_q, n_k), None if kernels is None else kernels[1]
         q_BTHK, k_BTGK = rotated.split([n_q, n_k], dim=2)
         return q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2), packed[:, :, n_q + n_k :].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
         cos_T1K, sin_T1K = ctx.saved_tensors
-        n_q, n_k = ctx.splits
         grads = [g.transpose(1, 2) for g in (grad_q, grad_k, grad_v)]  # (B, T, n, K) views
+        if ctx.backward_kernel is not None:
+            return ctx.backward_kernel(*grads, cos_T1K, sin_T1K), None, None, None, None, None
         B, T, _, K = grads[0].shape
         grad_packed = grads[0].new_empty(B, T, sum(g.shape[2] for g in grads), K)
         grad_q_slot, grad_k_slot, grad_v_slot = grad_packed.split([g.shape[2] for g in grads], dim=2)
         _rotate_into(grad_q_slot, grads[0], cos_T1K, sin_T1K, sin_sign=-1.0)
         _rotate_into(grad_k_slot, grads[1], cos_T1K, sin_T1K, sin_sign=-1.0)
         grad_v_slot.copy_(grads[2])
-        return grad_packed, None, None, None, None
+        return grad_packed, None, None, None, None, None
 
 
 def positions_in_documents(doc_ids: torch.Tensor) -> torch.Tensor:
