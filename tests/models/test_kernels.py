@@ -273,6 +273,39 @@ def test_gelu_tanh_of_a_strided_tensor_matches_torch(monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(y, h, grad_out)[0], torch.autograd.grad(y_ref, h, grad_out)[0])
 
 
+@needs_a_compiler
+def test_compiled_kernels_serve_every_batch_with_one_compile(monkeypatch):
+    """Compiled for the model's widths with batch and length dynamic, and called outside autocast
+    on detached tensors: after the first step, steps with other batch sizes and lengths, under
+    bf16 autocast, with inputs that require gradients, compile nothing more."""
+    from torch._dynamo.utils import counters
+
+    from scratchlm.models.layers import rotary_split_heads
+
+    take_route("compiled", monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=generator).requires_grad_()
+
+    def step(batch, length):
+        x = torch.randn(batch, length, 16, generator=generator, requires_grad=True)
+        cos, sin = rope_cos_sin(torch.arange(length), 8, theta=10000.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = gated(nn.functional.linear(x, weight), "silu")  # (B, T, 12): 3 heads of 4
+            y = linear_gelu(x, weight, None, "tanh")
+        q, k, v = rotary_split_heads(h.float().view(batch, length, 3, 4).repeat(1, 1, 1, 2), cos, sin, [1, 1, 1])
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (out.sum() + y.float().sum()).backward()
+
+    graphs, warm_ups = counters["stats"]["unique_graphs"], len(compiled._state["ready"])
+    step(2, 8)
+    # each warm-up compiles a forward and a backward (none where an earlier test compiled them)
+    assert counters["stats"]["unique_graphs"] - graphs == 2 * (len(compiled._state["ready"]) - warm_ups)
+    graphs = counters["stats"]["unique_graphs"]
+    for batch, length in ((3, 8), (5, 11), (2, 8)):
+        step(batch, length)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_gelu_tanh_falls_back_to_torch_once_when_compiling_fails(monkeypatch):
     """No C++ compiler (or any other compiler failure): one warning, then PyTorch's own kernel,
     with the same values, and no second attempt."""

@@ -546,16 +546,14 @@ class _LinearBiasGeluTanh(torch.autograd.Function):
         h_NF = x_ND if weight is None else torch.mm(x_ND, weight.t())
         ctx.save_for_backward(x_ND, weight, h_NF, bias)
         ctx.backward_kernel = kernels[1]
-        with torch.autocast("cpu", enabled=False):  # the kernels were compiled outside autocast
-            y_NF = kernels[0](h_NF, bias)
+        y_NF = kernels[0](h_NF, bias)
         return y_NF.view(*x.shape[:-1], h_NF.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x_ND, weight, h_NF, bias = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            grad_h_NF = ctx.backward_kernel(grad_y.reshape(h_NF.shape).to(h_NF.dtype), h_NF, bias)
+        grad_h_NF = ctx.backward_kernel(grad_y.reshape(h_NF.shape).to(h_NF.dtype), h_NF, bias)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x_ND = grad_h_NF if weight is None else torch.mm(grad_h_NF, weight)
