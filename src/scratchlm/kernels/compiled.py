@@ -183,14 +183,15 @@ def dynamic_leading(t: torch.Tensor) -> torch.Tensor:
     return alias
 
 
-def applies(*tensors: torch.Tensor, elements: int) -> bool:
-    """Whether the kernels may take these tensors: eager, on a device of ``DEVICES``, in dtypes of
-    ``DTYPES``, for an activation of ``elements`` values, at least ``MIN_ELEMENTS``."""
+def applies(elements: int, device: torch.device, *dtypes: torch.dtype) -> bool:
+    """Whether the kernels may take activations of ``elements`` values (at least
+    ``MIN_ELEMENTS``) on ``device`` (one of ``DEVICES``) in ``dtypes`` (of ``DTYPES``), eagerly."""
     return (
         elements >= MIN_ELEMENTS
         and not _state["failed"]
         and not torch.compiler.is_compiling()
-        and all(t.device.type in DEVICES and t.dtype in DTYPES for t in tensors)
+        and torch.device(device).type in DEVICES
+        and all(dtype in DTYPES for dtype in dtypes)
     )
 
 
@@ -202,7 +203,7 @@ def bias_gelu_tanh_kernels(
     apply. The pre-activation is a matmul's contiguous output, or ``pre_activation`` (…, width)
     in ``dtype`` or cast to it, whose layout the kernels are then compiled for (T5's gate is a
     strided half)."""
-    if not applies(torch.empty(0, dtype=dtype, device=device), elements=rows * width):
+    if not applies(rows * width, device, dtype):
         return None
     bias = torch.zeros(width, device=device)
 
@@ -229,7 +230,7 @@ def rotary_kernels(qk: torch.Tensor, cos: torch.Tensor, heads: list[int]) -> tup
     gradient laid out otherwise compiles it once more): PyTorch's fused CPU kernel (fp32) in the
     projection's (B, T, n, K) order, the matmul route (``layers.matmul_attention``, bf16) as
     (B, n, T, K) tensors."""
-    if cos.dtype != torch.float32 or not applies(qk, elements=qk.numel()):
+    if cos.dtype != torch.float32 or not applies(qk.numel(), qk.device, qk.dtype):
         return None
     B, T, _, K = qk.shape
 
@@ -251,10 +252,9 @@ def gated_kernels(a: torch.Tensor, b: torch.Tensor, activation: str) -> tuple[Ca
     two contiguous tensors, whose gradients come back as two (:func:`gated_backward`: the
     matmuls after it read contiguous rows; forward and backward of the throughput benchmark's
     SwiGLU input projection, interleaved: 34.4 ms against 35.3 through one joined gradient and
-    36.2 eager), or the halves of one
-    (rows, 2F), whose gradient comes back as one (:func:`gated_backward_joined`); None where they
-    do not apply."""
-    if not applies(a, b, elements=a.numel()):
+    36.2 eager), or the halves of one (rows, 2F), whose gradient comes back as one
+    (:func:`gated_backward_joined`); None where they do not apply."""
+    if not applies(a.numel(), a.device, a.dtype, b.dtype):
         return None
     joined = a.stride(0) != a.shape[-1]
     backward_function = gated_backward_joined if joined else gated_backward
