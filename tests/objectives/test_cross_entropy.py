@@ -183,12 +183,13 @@ def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
     chunks to a few rows: the byte budget decides for small vocabularies only."""
     from scratchlm.objectives import cross_entropy
 
-    assert cross_entropy.default_chunk_rows("cpu", 8192, low_precision=False) == 256
-    assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=False) == 256
+    assert cross_entropy.default_chunk_rows("cpu", 8192, low_precision=False) == 512
+    assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=False) == 512
     assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=True) == 512
     assert cross_entropy.default_chunk_rows("cpu", 1000, low_precision=False) == (4 << 20) // 4000
     assert cross_entropy.default_chunk_rows("cuda", 50257, low_precision=True) == (256 << 20) // (4 * 50257)
-    # The call without chunk_rows uses it: 600 rows in chunks of 512 under bf16 autocast, 256 in fp32.
+    # The call without chunk_rows uses the floor of its precision (the fp32 one set apart here).
+    monkeypatch.setitem(cross_entropy.MIN_CHUNK_ROWS, "fp32", 300)
     seen = []
     original = cross_entropy._chunked
     monkeypatch.setattr(cross_entropy, "_chunked", lambda *args: seen.append(args[5]) or original(*args))
@@ -197,7 +198,7 @@ def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
     cross_entropy.linear_cross_entropy(features, weight, None, targets)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cross_entropy.linear_cross_entropy(features, weight, None, targets)
-    assert seen == [256, 512]
+    assert seen == [300, 512]
 
 
 def fused_route_against_blocks(args, autocast: bool, vocab_multiple: int, monkeypatch):
