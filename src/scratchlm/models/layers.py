@@ -819,7 +819,7 @@ class _RotarySplit(torch.autograd.Function):
         else:
             rotated = kernels[0](packed[:, :, : n_q + n_k], cos_T1K, sin_T1K)
         ctx.save_for_backward(cos_T1K, sin_T1K)
-        ctx.splits, ctx.backward_kernel = (n_q, n_k), None if kernels is None else kernels[1]
+        ctx.backward_kernel = None if kernels is None else kernels[1]
         q_BTHK, k_BTGK = rotated.split([n_q, n_k], dim=2)
         return q_BTHK.transpose(1, 2), k_BTGK.transpose(1, 2), packed[:, :, n_q + n_k :].transpose(1, 2)
 
