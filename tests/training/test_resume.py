@@ -1,6 +1,7 @@
 """A run killed with SIGKILL and resumed from its last checkpoint is the run it would have been."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,14 @@ from pathlib import Path
 import pytest
 
 from runs import RECIPES, ROOT, run_cli
+
+RESUME_REL_TOL = 1e-5
+"""How far a resumed step's loss may be from the uninterrupted run's, relative. Resuming with the
+wrong generator state (other dropout masks) moved this test's losses by 3e-5 to 3e-3 relative at
+every step from 8 to 15 (another batch's loss lies 1e-3 to 1e-2 away). Equal bit for bit is too strict: on a loaded
+machine, 1 of 20 uninterrupted runs of the same command logged its first step's loss 1.7e-6 away
+from the others (every later step equal bit for bit), and 2 of about 25 resumed runs their first
+step's 1.8e-6 away (a rounding difference, cause not found)."""
 
 SMALL = [
     "--model.arch", "{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}",
@@ -36,7 +45,7 @@ def fit_command(root: Path, tokenizer: Path, workers: int, *extra: str) -> list[
 
 
 def train_losses(root: Path) -> dict[int, str]:
-    """step -> train/loss exactly as logged (text, so equality is bit for bit), over all versions."""
+    """step -> train/loss exactly as logged (text), over all versions."""
     losses = {}
     for path in sorted(root.glob("logs/version_*/metrics.csv")):
         with path.open() as f:
@@ -73,7 +82,9 @@ def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, worker
     resumed_steps = [step for step in after if step >= 8]
     assert resumed_steps and max(resumed_steps) == 15
     for step in resumed_steps:
-        assert after[step] == reference[step], f"step {step}: {after[step]} != {reference[step]}"
+        assert math.isclose(float(after[step]), float(reference[step]), rel_tol=RESUME_REL_TOL), (
+            f"step {step}: {after[step]} != {reference[step]}"
+        )
 
     # The same checkpoint cannot be continued exactly with another number of workers: refuse.
     other = 2 if workers == 0 else 0
