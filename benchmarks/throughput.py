@@ -316,12 +316,15 @@ def first_losses(ours: Side, hf: Side, dtype: str) -> tuple[float, float]:
         return ours.loss().item(), hf.loss().item()
 
 
-def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tuple[float, float, tuple[int, int]]:
+def compare(
+    ours: Side, hf: Side, dtype: str, args, tokens_per_step: int
+) -> tuple[float, float, tuple[int, int], list[float]]:
     """Median tokens/s of (ours, HF): warm-up steps for each, then ``args.rounds`` rounds of
     ``args.steps`` steps, the order alternating (AB, BA, ...) so that neither side always runs in
     the other's wake (caches, turbo, a neighbour's load). Also each side's minor page faults per
     timed step: memory the OS had to hand out afresh (zero-filled on first touch), a cost on
-    CPU that tokens/s include."""
+    CPU that tokens/s include; and each round's ratio (ours over HF, the two sides' rounds run
+    back to back), whose spread shows how much the machine's speed moved during the case."""
     for _ in range(args.warmup):
         train_step(ours, dtype)
         train_step(hf, dtype)
@@ -335,7 +338,8 @@ def compare(ours: Side, hf: Side, dtype: str, args, tokens_per_step: int) -> tup
             faults[id(side)] += minor_faults() - before
     steps = args.rounds * args.steps
     per_step = (faults[id(ours)] // steps, faults[id(hf)] // steps)
-    return statistics.median(ours_rates), statistics.median(hf_rates), per_step
+    round_ratios = [a / b for a, b in zip(ours_rates, hf_rates, strict=True)]
+    return statistics.median(ours_rates), statistics.median(hf_rates), per_step, round_ratios
 
 
 def minor_faults() -> int:
@@ -597,9 +601,11 @@ def main(argv: list[str] | None = None) -> None:
             params = sum(p.numel() for p in ours.model.parameters())
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
                   f"head_share={scored:.3f} params={params} load={load_average()}", flush=True)
-            ours_rate, hf_rate, faults = compare(ours, hf, dtype, args, args.batch * args.seq)
+            ours_rate, hf_rate, faults, round_ratios = compare(ours, hf, dtype, args, args.batch * args.seq)
             model_flops = ours_rate * flops_per_token(ours.model, args.seq, scored)
             print(case_line(family, dtype, args.seq, ours_rate, hf_rate, model_flops / peaks[dtype]), flush=True)
+            print(f"# round_ratios median={statistics.median(round_ratios):.3f} min={min(round_ratios):.3f} "
+                  f"max={max(round_ratios):.3f}", flush=True)
             print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]}", flush=True)
             if spec is not None and dtype == "bf16":
                 print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "

@@ -59,6 +59,12 @@ def test_throughput_prints_one_line_per_case(throughput, capsys):
         ours, theirs, ratio = float(m[4]), float(m[5]), float(m[6])
         assert ours > 0 and theirs > 0 and float(m[7]) > 0
         assert ratio == pytest.approx(ours / theirs, rel=0.01, abs=0.002)
+    # One round: its own ratio is the case's, as median, least and greatest.
+    spreads = [re.fullmatch(r"# round_ratios median=(\S+) min=(\S+) max=(\S+)", line)
+               for line in output.splitlines() if line.startswith("# round_ratios")]
+    assert len(spreads) == len(matches) and all(spreads)
+    for spread, m in zip(spreads, matches, strict=True):
+        assert [float(v) for v in spread.groups()] == [pytest.approx(float(m[6]), abs=0.002)] * 3
 
 
 def test_throughput_models_compute_the_same_loss(throughput, capsys):
