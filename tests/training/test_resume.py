@@ -16,11 +16,11 @@ from runs import RECIPES, ROOT, run_cli
 RESUME_REL_TOL = 1e-5
 """How far a resumed step's loss may be from the uninterrupted run's, relative. Resuming with the
 wrong generator state (other dropout masks) moved this test's losses by 3e-5 to 3e-3 relative at
-every step from 8 to 15 (another batch's loss lies 1e-3 to 1e-2 away). Equal bit for bit is too strict: on a loaded
-machine, 1 of 20 uninterrupted runs of the same command logged its first step's loss 1.7e-6 away
-from the others (every later step equal bit for bit), and 2 of about 25 resumed runs their first
-step's 1.8e-6 away. Likely MKL's: with ``MKL_CBWR=AUTO,STRICT`` (its run-to-run reproducible
-mode) none of 40 uninterrupted runs on the same loaded machine differed."""
+every step from 8 to 15 (another batch's loss lies 1e-3 to 1e-2 away). Equal bit for bit is too
+strict: on a loaded machine, 1 of 20 uninterrupted runs of the same command logged its first
+step's loss 1.7e-6 away from the others (every later step equal bit for bit), and 2 of about 25
+resumed runs their first step's 1.8e-6 away. Likely MKL's: with ``MKL_CBWR=AUTO,STRICT`` (its
+run-to-run reproducible mode) none of 40 uninterrupted runs on the same loaded machine differed."""
 
 SMALL = [
     "--model.arch", "{n_layers: 1, d_model: 32, n_heads: 2, d_ff: 64}",
