@@ -33,6 +33,25 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def run_main(capsys, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """What :func:`run_cli` returns, from the command's ``main`` run in this process, its output
+    taken by pytest's ``capsys``: for tests about what the command does rather than about its
+    process (each start of the command spends seconds importing Lightning)."""
+    from scratchlm.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    captured = capsys.readouterr()
+    result = subprocess.CompletedProcess(["scratchlm", *args], code, captured.out, captured.err)
+    if check and code != 0:
+        raise AssertionError(f"scratchlm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def fit_recipe(recipe: str, root: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
     """(exported folder, completed process) of a short fit of ``recipe`` (``TINY_FIT``, then ``extra``)."""
     result = run_cli(

@@ -2,8 +2,8 @@
 and says what to do, exits non-zero, and damages nothing written before.
 
 (Bad corpus files are also covered one by one in ``tests/data/test_sources.py``, a document
-longer than a block in ``tests/data/test_packing.py``, and the five commonest through a real
-subprocess in ``tests/test_cli.py``.)
+longer than a block in ``tests/data/test_packing.py``, and the five commonest in
+``tests/test_cli.py``, one of them through a real subprocess.)
 """
 
 import hashlib

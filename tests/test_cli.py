@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import RECIPES, mean_next_token_loss, run_cli, zen_of_python
+from runs import RECIPES, mean_next_token_loss, run_cli, run_main, zen_of_python
 from scratchlm.cli import main
 
 
@@ -63,13 +63,13 @@ def test_fit_bert_gives_fill_mask_and_a_classifier_backbone(bert_run):
     assert not info["mismatched_keys"]
 
 
-def test_export_verify_prints_parity_and_refuses_a_non_empty_folder(gpt2_run, tmp_path):
+def test_export_verify_prints_parity_and_refuses_a_non_empty_folder(gpt2_run, tmp_path, capsys):
     _, root, _ = gpt2_run
     out = tmp_path / "export"
-    result = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(out), "--verify")
+    result = run_main(capsys, "export", str(root / "checkpoints" / "last.ckpt"), str(out), "--verify")
     line = next(l for l in result.stdout.splitlines() if l.startswith("max_abs_diff="))
     assert float(line.split("=")[1]) <= 1e-4
-    again = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(out), check=False)
+    again = run_main(capsys, "export", str(root / "checkpoints" / "last.ckpt"), str(out), check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -107,20 +107,33 @@ def write_bad_inputs(folder: Path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "not-utf8", "bad-json", "no-field", "no-match"])
-def test_bad_input_stops_with_one_clear_line(case, tmp_path):
+def bad_input_fit(tmp_path: Path, case: str) -> tuple[list[str], list[str]]:
+    """(fit arguments, substrings its one error line must hold) for one of ``write_bad_inputs``'s cases."""
     paths, expected = write_bad_inputs(tmp_path / "data")[case]
-    result = run_cli(
-        "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"),
-        "--trainer.default_root_dir", str(tmp_path / "run"), "--data.paths", json.dumps(paths),
-        check=False,
-    )
+    args = ["fit", "--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--data.paths", json.dumps(paths)]
+    return args, expected
+
+
+def assert_one_clear_line(result, expected: list[str]) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     error_lines = [l for l in result.stderr.splitlines() if l.startswith("scratchlm: error:")]
     assert len(error_lines) == 1, result.stderr
     for text in expected:
         assert text in error_lines[0], error_lines[0]
+
+
+@pytest.mark.parametrize("case", ["empty", "not-utf8", "bad-json", "no-field", "no-match"])
+def test_bad_input_stops_with_one_clear_line(case, tmp_path, capsys):
+    args, expected = bad_input_fit(tmp_path, case)
+    assert_one_clear_line(run_main(capsys, *args, check=False), expected)
+
+
+def test_bad_input_stops_the_real_command_with_exit_code_2(tmp_path):
+    """The same through a process of its own: its exit status and its whole stderr."""
+    args, expected = bad_input_fit(tmp_path, "not-utf8")
+    assert_one_clear_line(run_cli(*args, check=False), expected)
 
 
 def test_fit_runs_under_two_process_ddp(tmp_path):
@@ -137,15 +150,15 @@ def test_fit_runs_under_two_process_ddp(tmp_path):
     assert "val/loss" in metrics.splitlines()[0]
 
 
-def test_a_bad_line_found_while_training_is_reported_cleanly(gpt2_run, tmp_path):
+def test_a_bad_line_found_while_training_is_reported_cleanly(gpt2_run, tmp_path, capsys):
     """With a tokenizer given, nothing reads the corpus before training; the error comes from the
     stream, mid-run, and must still be one line naming the file and line."""
     _, root, _ = gpt2_run
     corpus = tmp_path / "late.jsonl"
     lines = [json.dumps({"text": f"document number {i} is fine."}) for i in range(200)]
     corpus.write_text("\n".join(lines[:150] + ['{"text": broken'] + lines[150:]) + "\n")
-    result = run_cli(
-        "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+    result = run_main(
+        capsys, "fit", "--config", str(RECIPES / "gpt2-tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--data.paths", str(corpus), "--data.tokenizer", str(root / "tokenizer"), "--data.num_workers", "1",
         "--trainer.max_steps", "50", "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0",
         check=False,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.pipelines import SUPPORTED_TASKS
 
-from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
+from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, run_main, text2text_pipeline_is_our_greedy_decode
 from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import train_tokenizer
 from scratchlm.training import PretrainModule
@@ -59,20 +59,20 @@ def test_text2text_pipeline_writes_our_greedy_decode(t5_run):
     text2text_pipeline_is_our_greedy_decode(folder, root / "checkpoints" / "last.ckpt", text, start_role="pad")
 
 
-def test_export_verify_prints_parity_for_t5(t5_run, tmp_path):
+def test_export_verify_prints_parity_for_t5(t5_run, tmp_path, capsys):
     _, root, _ = t5_run
-    result = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--verify")
+    result = run_main(capsys, "export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--verify")
     line = next(l for l in result.stdout.splitlines() if l.startswith("max_abs_diff="))
     assert float(line.split("=")[1]) <= 1e-4
     assert result.stdout.strip().splitlines()[-1] == str((tmp_path / "export").resolve())
 
 
-def test_tokenizer_train_with_sentinels(tmp_path):
+def test_tokenizer_train_with_sentinels(tmp_path, capsys):
     out = tmp_path / "tok"
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("span corruption hides spans of text\n\nthe decoder writes them back\n" * 20)
-    result = run_cli(
-        "tokenizer", "train", "--data", str(corpus), "--family", "t5", "--kind", "unigram",
+    result = run_main(
+        capsys, "tokenizer", "train", "--data", str(corpus), "--family", "t5", "--kind", "unigram",
         "--vocab-size", "150", "--sentinels", "100", "--out", str(out),
     )
     assert result.stdout.strip() == str(out.resolve())
@@ -83,9 +83,9 @@ def test_tokenizer_train_with_sentinels(tmp_path):
     assert ids.count(top - 3) == 1 and ids[-1] == tokenizer.eos_token_id
 
 
-def test_tokenizer_train_refuses_a_vocabulary_the_sentinels_fill(tmp_path):
-    result = run_cli(
-        "tokenizer", "train", "--family", "t5", "--vocab-size", "100", "--out", str(tmp_path / "tok"), check=False
+def test_tokenizer_train_refuses_a_vocabulary_the_sentinels_fill(tmp_path, capsys):
+    result = run_main(
+        capsys, "tokenizer", "train", "--family", "t5", "--vocab-size", "100", "--out", str(tmp_path / "tok"), check=False
     )
     assert result.returncode == 2 and "vocab_size=100" in result.stderr and "Traceback" not in result.stderr
 

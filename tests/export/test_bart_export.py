@@ -13,7 +13,7 @@ import transformers
 from transformers.pipelines import SUPPORTED_TASKS
 
 import hf_folder
-from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, text2text_pipeline_is_our_greedy_decode
+from runs import RECIPES, SEQ2SEQ_FIT, TEXT2TEXT_MISSING, run_cli, run_main, text2text_pipeline_is_our_greedy_decode
 from scratchlm.export import export_hf, verify_export
 from scratchlm.models import build_config, build_model
 from scratchlm.models.seq2seq import greedy_decode
@@ -247,9 +247,9 @@ def test_fit_validates_with_text_infilling(bart_run):
     assert val and all(0 < v < 6.5 for v in val)  # ln(500) = 6.2 for a uniform guess, plus slack
 
 
-def test_export_verify_prints_parity_for_bart(bart_run, tmp_path):
+def test_export_verify_prints_parity_for_bart(bart_run, tmp_path, capsys):
     _, root = bart_run
-    result = run_cli("export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--verify")
+    result = run_main(capsys, "export", str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "export"), "--verify")
     line = next(line for line in result.stdout.splitlines() if line.startswith("max_abs_diff="))
     assert float(line.split("=")[1]) <= 1e-4
     assert result.stdout.strip().splitlines()[-1] == str((tmp_path / "export").resolve())

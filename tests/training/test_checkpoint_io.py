@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from runs import RECIPES, ROOT, run_cli
+from runs import RECIPES, ROOT, run_main
 from scratchlm.training import TrainedModel
 from scratchlm.training.checkpoint_io import AtomicCheckpointIO
 
@@ -96,13 +96,13 @@ def test_a_kill_while_last_ckpt_is_written_leaves_the_previous_one_and_resume_wo
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")], "leftovers are cleared"
 
 
-def test_a_kill_while_exporting_over_a_folder_leaves_the_old_export(gpt2_run, tmp_path):
+def test_a_kill_while_exporting_over_a_folder_leaves_the_old_export(gpt2_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     _, root, _ = gpt2_run
     checkpoint = str(root / "checkpoints" / "last.ckpt")
     out = tmp_path / "export"
-    run_cli("export", checkpoint, str(out))
+    run_main(capsys, "export", checkpoint, str(out))
     before = digests(out)
 
     killed = run_script(KILL_DURING_EXPORT, tmp_path, "export", checkpoint, str(out), "--overwrite")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runs import RECIPES, ROOT, run_cli
+from runs import RECIPES, ROOT
+from scratchlm.cli import main
 
 RESUME_REL_TOL = 1e-5
 """How far a resumed step's loss may be from the uninterrupted run's, relative. Resuming with the
@@ -33,22 +34,22 @@ SMALL = [
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "tok"
-    run_cli("tokenizer", "train", "--family", "bert", "--vocab-size", "500", "--out", str(out))
+    main(["tokenizer", "train", "--family", "bert", "--vocab-size", "500", "--out", str(out)])
     return out
 
 
-def fit_command(root: Path, tokenizer: Path, workers: int, *extra: str) -> list[str]:
+def fit_args(root: Path, tokenizer: Path, workers: int, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "scratchlm", "fit", "--config", str(RECIPES / "bert-tiny.yaml"),
+        "fit", "--config", str(RECIPES / "bert-tiny.yaml"),
         "--trainer.default_root_dir", str(root), "--data.tokenizer", str(tokenizer),
         "--data.num_workers", str(workers), *SMALL, *extra,
     ]
 
 
-def train_losses(root: Path) -> dict[int, str]:
-    """step -> train/loss exactly as logged (text), over all versions."""
+def train_losses(root: Path, version: int | None = None) -> dict[int, str]:
+    """step -> train/loss exactly as logged (text), over all versions or in one."""
     losses = {}
-    for path in sorted(root.glob("logs/version_*/metrics.csv")):
+    for path in sorted(root.glob(f"logs/version_{'*' if version is None else version}/metrics.csv")):
         with path.open() as f:
             for row in csv.DictReader(f):
                 if row.get("train/loss"):
@@ -56,7 +57,9 @@ def train_losses(root: Path) -> dict[int, str]:
     return losses
 
 
-def kill_after_first_checkpoint(command: list[str], checkpoint: Path) -> None:
+def kill_after_first_checkpoint(args: list[str], checkpoint: Path) -> None:
+    """Run ``scratchlm ARGS`` in a process of its own and SIGKILL it once ``checkpoint`` exists."""
+    command = [sys.executable, "-m", "scratchlm", *args]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
@@ -68,17 +71,17 @@ def kill_after_first_checkpoint(command: list[str], checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, workers):
+def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, workers, capsys):
+    # Only the killed run needs a process of its own; the others run in this one (each start of
+    # the command spends most of its time importing Lightning).
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(fit_command(whole, tokenizer, workers), cwd=ROOT, check=True, capture_output=True)
+    main(fit_args(whole, tokenizer, workers))
     reference = train_losses(whole)
     assert sorted(reference) == list(range(16))
 
-    kill_after_first_checkpoint(fit_command(broken, tokenizer, workers), broken / "checkpoints" / "last.ckpt")
-    resumed = subprocess.run(
-        fit_command(broken, tokenizer, workers, "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    kill_after_first_checkpoint(fit_args(broken, tokenizer, workers), broken / "checkpoints" / "last.ckpt")
+    main(fit_args(broken, tokenizer, workers, "--ckpt_path", "last"))
+    assert min(train_losses(broken, version=1)) == 8, "the second start went on from the checkpoint"
     after = train_losses(broken)
     resumed_steps = [step for step in after if step >= 8]
     assert resumed_steps and max(resumed_steps) == 15
@@ -89,9 +92,9 @@ def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, worker
 
     # The same checkpoint cannot be continued exactly with another number of workers: refuse.
     other = 2 if workers == 0 else 0
-    refused = subprocess.run(
-        fit_command(whole, tokenizer, other, "--ckpt_path", "last", "--trainer.max_steps", "20"),
-        cwd=ROOT, capture_output=True, text=True,
-    )
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-    assert f"num_workers {workers} -> {other}" in refused.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(fit_args(whole, tokenizer, other, "--ckpt_path", "last", "--trainer.max_steps", "20"))
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2 and "Traceback" not in stderr, stderr
+    assert f"num_workers {workers} -> {other}" in stderr
