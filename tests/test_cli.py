@@ -4,6 +4,8 @@ import gzip
 import json
 import math
 from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 
@@ -71,6 +73,38 @@ def test_export_verify_prints_parity_and_refuses_a_non_empty_folder(gpt2_run, tm
     assert float(line.split("=")[1]) <= 1e-4
     again = run_main(capsys, "export", str(root / "checkpoints" / "last.ckpt"), str(out), check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+NOT_TRAINING = """
+import sys
+
+def loaded(*packages):
+    return sorted(p for p in packages if p in sys.modules)
+
+import scratchlm, scratchlm.cli
+print(loaded("torch", "transformers", "lightning", "torchmetrics"))
+from scratchlm.cli import main
+tokenizer, checkpoint, out = sys.argv[1:]
+main(["tokenizer", "train", "--vocab-size", "300", "--out", tokenizer])
+main(["prepare", "--tokenizer", tokenizer, "--out", out + "-prepared"])
+main(["export", checkpoint, out])
+print(loaded("lightning", "torchmetrics"))
+"""
+
+
+def test_the_commands_that_do_not_train_never_import_lightning(gpt2_run, tmp_path):
+    """Importing Lightning takes seconds (torchmetrics brings scipy and more): tokenizer, prepare
+    and export run without it, and ``scratchlm --help`` imports neither PyTorch nor transformers."""
+    _, root, _ = gpt2_run
+    result = subprocess.run(
+        [sys.executable, "-c", NOT_TRAINING, str(tmp_path / "tok"), str(root / "checkpoints" / "last.ckpt"),
+         str(tmp_path / "export")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "[]" and lines[-1] == "[]", result.stdout
+    assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))

@@ -4,8 +4,7 @@
 Nothing here knows about objectives; the training module hands the data module its collate.
 """
 
-from scratchlm.data.module import TextDataModule, collate_blocks
-from scratchlm.data.packing import Packer, pack_documents
+from scratchlm.data.packing import Packer, collate_blocks, pack_documents
 from scratchlm.data.prepared import prepare_corpus
 from scratchlm.data.sources import (
     BUILTIN,
@@ -34,3 +33,13 @@ __all__ = [
     "resolve_sources",
     "validation_score",
 ]
+
+
+def __getattr__(name: str):
+    """``TextDataModule`` is imported on first use: it brings Lightning, whose import takes seconds
+    that the commands which do not train (tokenizer, prepare, export) need not wait for."""
+    if name == "TextDataModule":
+        from scratchlm.data.module import TextDataModule
+
+        return TextDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ objectives: the training module swaps ``collate_fn`` / ``eval_collate_fn`` for i
 those run in the loader workers.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 import multiprocessing
 import os
 import sys
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from scratchlm.data.packing import collate_blocks
 from scratchlm.data.prepared import check_read_once, check_tokenizer
 from scratchlm.data.sources import Document, Source, describe_sources, first_document, resolve_sources
 from scratchlm.data.stream import PackedBlocks, split_documents
@@ -24,27 +25,6 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.tokenizer import TokenizerInfo
 
 Collate = Callable[[list[dict[str, np.ndarray]]], dict[str, torch.Tensor]]
-
-
-def collate_blocks(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack blocks into ``input_ids`` (B, T) int64, ``doc_ids`` (B, T) int32 and
-    ``attention_mask`` (B, T) bool, False at padding (``doc_ids == -1``), with ``padded``, a plain
-    bool saying whether any position is padding.
-
-    Training blocks are packed full, so ``padded`` is almost always False; models then get no
-    mask at all and SDPA runs its fused causal (or unmasked) kernels, where any explicit mask
-    would send it to a slower path. Deciding this here, on the CPU side of the loader, costs the
-    training step no host-device synchronisation."""
-    input_ids = torch.from_numpy(np.stack([b["input_ids"] for b in blocks])).long()
-    doc_ids = torch.from_numpy(np.stack([b["doc_ids"] for b in blocks])).int()
-    attention_mask = doc_ids >= 0
-    batch = {
-        "input_ids": input_ids, "doc_ids": doc_ids, "attention_mask": attention_mask,
-        "padded": not bool(attention_mask.all()),
-    }
-    if "word_starts" in blocks[0]:
-        batch["word_starts"] = torch.from_numpy(np.stack([b["word_starts"] for b in blocks]))
-    return batch
 
 
 class TextDataModule(L.LightningDataModule):

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -10,7 +10,12 @@ from torch import nn
 from scratchlm.errors import ScratchLMError
 from scratchlm.export import export_hf
 from scratchlm.models import FAMILIES, build_model
-from scratchlm.training.module import CHECKPOINT_KEY, PretrainModule
+
+if TYPE_CHECKING:  # a Lightning class: exporting a checkpoint does not import Lightning
+    from scratchlm.training.module import PretrainModule
+
+CHECKPOINT_KEY = "scratchlm"
+"""Where our own record lives inside a Lightning checkpoint (``PretrainModule.on_save_checkpoint``)."""
 
 
 @dataclass
@@ -21,7 +26,7 @@ class TrainedModel:
     record: dict[str, Any]
 
     @classmethod
-    def from_module(cls, module: PretrainModule) -> "TrainedModel":
+    def from_module(cls, module: "PretrainModule") -> "TrainedModel":
         return cls(module.model, module.record())
 
     @classmethod

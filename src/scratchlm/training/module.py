@@ -16,11 +16,9 @@ from scratchlm.models import FAMILIES, build_config, build_model
 from scratchlm.objectives import OBJECTIVES, InfillConfig, MaskedLM, MaskingConfig, SpanConfig
 from scratchlm.tokenizer import TokenizerInfo
 from scratchlm.training.callbacks import host_scalar
+from scratchlm.training.checkpoint import CHECKPOINT_KEY
 from scratchlm.training.guard import NonFiniteGuard
 from scratchlm.training.optim import OptimConfig, build_optimizer
-
-CHECKPOINT_KEY = "scratchlm"
-"""Where our own record lives inside a Lightning checkpoint (see ``on_save_checkpoint``)."""
 
 SEQ2SEQ_OBJECTIVES = ("span", "infill")
 """Objectives of encoder-decoder families (``Family.encoder_decoder``); the others are theirs alone."""
