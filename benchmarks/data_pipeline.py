@@ -257,7 +257,7 @@ def run_case(spec: dict) -> dict:
     import datasets
     import torch  # noqa: F401
     import transformers
-    import scratchlm.data  # noqa: F401
+    import scratchlm.data.module  # noqa: F401  (TextDataModule, which brings lightning)
     import scratchlm.objectives.mlm  # noqa: F401
 
     datasets.disable_progress_bars()
