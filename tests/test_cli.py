@@ -107,6 +107,20 @@ def test_the_commands_that_do_not_train_never_import_lightning(gpt2_run, tmp_pat
     assert (tmp_path / "export" / "model.safetensors").is_file()
 
 
+def test_help_lists_every_command_and_an_unknown_one_is_named(capsys):
+    from scratchlm import __version__
+    from scratchlm.cli import COMMANDS
+
+    main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"\n  {name} " in listed for name in COMMANDS), listed
+    main(["--version"])
+    assert capsys.readouterr().out == f"scratchlm {__version__}\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2 and "scratchlm: error: no command 'trian'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_parses(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -23,12 +23,14 @@ PARITY_TOLERANCE = 1e-4
 
 
 def fit(argv: list[str]) -> None:
+    """pre-train a model: a recipe (--config) and --model.*, --data.*, --trainer.* flags"""
     from scratchlm.training.cli import fit as run_fit
 
     run_fit(argv)
 
 
 def compare(argv: list[str]) -> None:
+    """pre-train arms (MLM, causal LM, span corruption) at matched compute, report them side by side"""
     from scratchlm.compare import compare as run_compare
 
     run_compare(argv)
@@ -38,6 +40,7 @@ def compare(argv: list[str]) -> None:
 
 
 def tokenizer(argv: list[str]) -> None:
+    """train a tokenizer on a corpus (BPE, WordPiece, Unigram) that AutoTokenizer loads"""
     parser = argparse.ArgumentParser(prog="scratchlm tokenizer", description="Tokenizers for scratchlm.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a tokenizer on a corpus, streaming it")
@@ -90,6 +93,7 @@ def note_smaller_vocabulary(folder: Path, asked: int) -> None:
 
 
 def prepare(argv: list[str]) -> None:
+    """tokenize a corpus once into a folder that fit reads without tokenizing again"""
     parser = argparse.ArgumentParser(
         prog="scratchlm prepare",
         description="Tokenize a corpus once into a folder that fit reads as --data.paths, without tokenizing again.",
@@ -134,6 +138,7 @@ class ProgressLine:
 
 
 def export(argv: list[str]) -> None:
+    """write a checkpoint as a Hugging Face folder (--verify compares logits with transformers)"""
     parser = argparse.ArgumentParser(
         prog="scratchlm export", description="Export a scratchlm checkpoint to a Hugging Face folder."
     )
@@ -216,12 +221,28 @@ def readable_type(spelled: str) -> str:
     return re.sub(r"<class '([\w.]+)'>", r"a \1", spelled)
 
 
+def usage() -> str:
+    """The command's help: each command with the first line of its function's docstring."""
+    width = max(map(len, COMMANDS))
+    commands = "\n".join(f"  {name:<{width}}  {function.__doc__.strip()}" for name, function in COMMANDS.items())
+    return (f"usage: scratchlm <command> [options]\n\ncommands:\n{commands}\n\n"
+            "scratchlm <command> --help lists a command's options; scratchlm --version prints the version")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv and argv[0] == "--version":
+        from scratchlm import __version__
+
+        print(f"scratchlm {__version__}")
+        return
     if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        print(f"usage: scratchlm {{{names}}} ...  (scratchlm <command> --help for each)", file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        unknown = f"scratchlm: error: no command {argv[0]!r}\n" if argv else ""
+        print(f"{unknown}{usage()}", file=sys.stderr)
+        sys.exit(2)
     try:
         COMMANDS[argv[0]](argv[1:])
     except argparse.ArgumentError as error:  # a flag or recipe key the command does not know
