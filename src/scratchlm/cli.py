@@ -222,7 +222,7 @@ def readable_type(spelled: str) -> str:
 
 
 def usage() -> str:
-    """The command's help: each command with the first line of its function's docstring."""
+    """The command's help: each command beside its function's one-line docstring."""
     width = max(map(len, COMMANDS))
     commands = "\n".join(f"  {name:<{width}}  {function.__doc__.strip()}" for name, function in COMMANDS.items())
     return (f"usage: scratchlm <command> [options]\n\ncommands:\n{commands}\n\n"
