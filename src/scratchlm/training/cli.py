@@ -198,6 +198,8 @@ def fit(argv: list[str]) -> None:
     # The run directory's guard (training.run_dir) already refuses a start that would overwrite
     # another run's checkpoints; a resumed run's own checkpoints are meant to be there.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Raised by Lightning's own pytree helper against recent PyTorch, twice a run: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     FitCLI(
         PretrainModule,
         TextDataModule,
