@@ -1,5 +1,10 @@
 """Shared fixtures: tiny runs of the real CLI, trained once per session and reused."""
 
+# Lightning's loggers get a handler on sys.stderr when lightning.pytorch is first imported. The
+# package imports it only when a command trains, which in a test may be under pytest's output
+# capture: the handler would then keep a capture stream that is closed after that test, and every
+# later run would print "--- Logging error ---" tracebacks. Imported here, it binds the real stderr.
+import lightning.pytorch  # noqa: F401
 import pytest
 
 from runs import fit_recipe
