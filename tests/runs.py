@@ -52,6 +52,16 @@ def run_main(capsys, *args: str, check: bool = True) -> subprocess.CompletedProc
     return result
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a stopped command printed for bad input, after checking it stopped as such
+    a command must: exit status 2, no traceback, exactly one ``scratchlm: error:`` line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("scratchlm: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
 def fit_recipe(recipe: str, root: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
     """(exported folder, completed process) of a short fit of ``recipe`` (``TINY_FIT``, then ``extra``)."""
     result = run_cli(

@@ -13,21 +13,13 @@ import shutil
 
 import pytest
 
-from runs import RECIPES, TINY_FIT
+from runs import RECIPES, TINY_FIT, error_line, run_main
 from scratchlm.cli import main
 
 
 def fit_fails(capsys, *args: str) -> str:
     """Run ``scratchlm fit ARGS`` in this process; return its one error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args])
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("scratchlm: error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
+    return error_line(run_main(capsys, "fit", *args, check=False))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

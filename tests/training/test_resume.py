@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import RECIPES, ROOT
+from runs import RECIPES, ROOT, run_main
 from scratchlm.cli import main
 
 RESUME_REL_TOL = 1e-5
@@ -75,12 +75,12 @@ def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, worker
     # Only the killed run needs a process of its own; the others run in this one (each start of
     # the command spends most of its time importing Lightning).
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    main(fit_args(whole, tokenizer, workers))
+    run_main(capsys, *fit_args(whole, tokenizer, workers))
     reference = train_losses(whole)
     assert sorted(reference) == list(range(16))
 
     kill_after_first_checkpoint(fit_args(broken, tokenizer, workers), broken / "checkpoints" / "last.ckpt")
-    main(fit_args(broken, tokenizer, workers, "--ckpt_path", "last"))
+    run_main(capsys, *fit_args(broken, tokenizer, workers, "--ckpt_path", "last"))
     assert min(train_losses(broken, version=1)) == 8, "the second start went on from the checkpoint"
     after = train_losses(broken)
     resumed_steps = [step for step in after if step >= 8]
@@ -92,9 +92,7 @@ def test_killed_and_resumed_run_logs_the_same_losses(tmp_path, tokenizer, worker
 
     # The same checkpoint cannot be continued exactly with another number of workers: refuse.
     other = 2 if workers == 0 else 0
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as refused:
-        main(fit_args(whole, tokenizer, other, "--ckpt_path", "last", "--trainer.max_steps", "20"))
-    stderr = capsys.readouterr().err
-    assert refused.value.code == 2 and "Traceback" not in stderr, stderr
-    assert f"num_workers {workers} -> {other}" in stderr
+    refused = run_main(capsys, *fit_args(whole, tokenizer, other, "--ckpt_path", "last", "--trainer.max_steps", "20"),
+                       check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"num_workers {workers} -> {other}" in refused.stderr
