@@ -4,20 +4,23 @@
 #   bash benchmarks/gpu.sh                 # everything that fits in $GPU_BUDGET_S seconds (540)
 #   bash benchmarks/gpu.sh bench compile   # only the named steps
 #
-# Steps: bench (llama-base, ~124M, seq 1024, bf16, eager, against transformers), kernels
-# (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against Liger-Kernel's), tests
-# (tests/test_cuda.py: FlexAttention forward and backward against the dense mask, the fused loss
-# under bf16, a bf16 fit on the GPU), fit (`scratchlm fit` of the same model in bf16-mixed: the
-# tokens/s and MFU training logs, loop and data loader included, on the corpus prepared by
-# `scratchlm prepare`), syncs (the training steps of tests/test_cuda.py run under CUDA's sync
-# debug mode: a failure names the op that makes the host wait), compile (bench
-# with both models compiled), losschunk (the same with our loss's softmax chunks compiled too:
-# objectives.cross_entropy.COMPILED_SOFTMAX, to decide whether CUDA should be in it), docs
-# (bench with 4 packed documents per block: FlexAttention in ours), families (gpt2 and bert base).
+# Steps: losstests (tests/test_cuda.py's fused-loss tests: the CUDA route of our loss, its softmax
+# chunks compiled and its weight gradient summed by a mixed-precision addmm, against the plain
+# route), kernels (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against
+# Liger-Kernel's, and our loss by route), bench (llama-base, ~124M, seq 1024, bf16, eager, against
+# transformers), compile (bench with both models compiled), fit (`scratchlm fit` of the same model
+# in bf16-mixed: the tokens/s and MFU training logs, loop and data loader included, on the corpus
+# prepared by `scratchlm prepare`), eagerloss (bench with our loss's softmax chunks eager, as
+# before CUDA compiled them), syncs (the training steps of tests/test_cuda.py run under CUDA's
+# sync debug mode: a failure names the op that makes the host wait), tests (the rest of
+# tests/test_cuda.py: FlexAttention forward and backward against the dense mask, Liger's SwiGLU,
+# a mixed-precision fit on the GPU), docs (bench with 4 packed documents per block:
+# FlexAttention in ours), families (gpt2 and bert base).
 # The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
 # steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
 # repository (e.g. .corpus/, listed in .git/info/exclude), carry that folder, and set FIT_CORPUS.
-# A step starts only if its time limit fits in what is left of the budget. The log goes to
+# Steps run in the order above, whatever order they are named in; a step starts only if its time
+# limit fits in what is left of the budget. The log goes to
 # $OUT/gpu.log when OUT is set, else to gpu.log in the current folder. Runs without installing:
 # the package comes from src/ (PYTHONPATH), the machine's own torch and transformers are used.
 # Packages the machine lacks (jsonargparse and its two helpers for the CLI, liger-kernel for the
@@ -33,7 +36,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-bench kernels tests syncs fit compile losschunk docs families} "
+WANTED=" ${*:-losstests kernels bench compile fit eagerloss syncs tests docs families} "
 LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16 --warmup 2 --steps 4)
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -58,10 +61,10 @@ step() {  # step NAME LIMIT_S COMMAND...
 'transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1
 } | tee "$LOG"
 
-step bench 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
-step kernels 90 "$PYTHON" benchmarks/kernels.py
-step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits"
-step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
+step losstests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k fused
+step kernels 120 "$PYTHON" benchmarks/kernels.py
+step bench 120 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
+step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3 --profile 20
 fit_step() {  # a tokenizer, the corpus prepared with it, then the fit: the loop's cost, no tokenizing in it
     local dir data=()
     dir=$(mktemp -d)
@@ -77,9 +80,9 @@ fit_step() {  # a tokenizer, the corpus prepared with it, then the fit: the loop
 export -f fit_step
 export PYTHON
 step fit 150 bash -c fit_step
-step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3
-step losschunk 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3 \
-    --loss-chunk compiled
+step eagerloss 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --loss-chunk eager
+step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
+step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits and not fused"
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \
     --vocab 50257 --seq 1024 --dtype bf16 --rounds 3

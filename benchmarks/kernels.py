@@ -17,9 +17,12 @@ hand-written SwiGLU (``layers._Gated``; with Liger installed, ``layers.gated`` t
 through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-written RMSNorm of
 the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
 side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
-(softmax, loss terms, the logits' gradient), eager as it runs against ``torch.compile``d
-``softmax_chunk`` (``ratio`` = eager / compiled), the route of a device in ``COMPILED_SOFTMAX``; and
-``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
+(softmax, loss terms, the logits' gradient), eager against ``torch.compile``d ``softmax_chunk``
+(``ratio`` = eager / compiled), the route of a device in ``COMPILED_SOFTMAX``, with static shapes
+and (``dynamic_ms``) with the rows dynamic; and
+``kernel=loss_route``: our loss by route (the softmax chunks compiled or eager, the weight
+gradient summed by a mixed-precision ``addmm`` or widened, rows per chunk), to set its defaults
+on GPUs; ``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
 compiled (``layers.FlexMask`` compiles it on GPUs).
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
@@ -120,18 +123,48 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
     logits = torch.randn(rows, vocab, device="cuda", generator=generator).to(torch.bfloat16)
     targets = torch.randint(vocab, (rows, 1), device="cuda", generator=generator)
     weights = torch.full((rows, 1), 1.0 / rows, device="cuda")
-    compiled = torch.compile(softmax_chunk, dynamic=True)  # what COMPILED_SOFTMAX runs
+    compiled = torch.compile(softmax_chunk)  # what COMPILED_SOFTMAX runs while the chunks keep one shape
+    dynamic = torch.compile(softmax_chunk, dynamic=True)  # and once they change
     results = []
-    for fn in (chunk_passes, compiled):
+    for fn in (chunk_passes, compiled, dynamic):
         buffer = logits.clone()
         target, top = fn(buffer, targets, weights)
         results.append((buffer.float(), target, top))
-    diff = max((a - b).abs().max().item() for a, b in zip(*results))
+    diff = max((a - b).abs().max().item() for other in results[1:] for a, b in zip(results[0], other))
     eager_ms = time_ms(lambda: chunk_passes(logits.clone(), targets, weights), reps)
     compiled_ms = time_ms(lambda: compiled(logits.clone(), targets, weights), reps)
+    dynamic_ms = time_ms(lambda: dynamic(logits.clone(), targets, weights), reps)
     clone_ms = time_ms(lambda: logits.clone(), reps)
     print(f"kernel=loss_chunk rows={rows} vocab={vocab} eager_ms={eager_ms:.3f} compiled_ms={compiled_ms:.3f} "
-          f"ratio={eager_ms / compiled_ms:.2f} max_abs_diff={diff:.3g} clone_ms={clone_ms:.3f}", flush=True)
+          f"ratio={eager_ms / compiled_ms:.2f} dynamic_ms={dynamic_ms:.3f} max_abs_diff={diff:.3g} "
+          f"clone_ms={clone_ms:.3f}", flush=True)
+
+
+def compare_loss_routes(features, weight, targets, reps: int) -> None:
+    """Our loss, forward and backward, by route: the softmax chunks compiled or eager, the weight
+    gradient summed in fp32 by a mixed-precision ``addmm`` or widened chunk by chunk, and rows
+    per chunk (the first line is the route as it stands, the others change one thing each)."""
+    from scratchlm.objectives import cross_entropy
+
+    default_rows = default_chunk_rows("cuda", weight.shape[0], low_precision=True)
+    old_rows = default_chunk_rows("xpu", weight.shape[0], low_precision=True)  # the 256 MB budget
+    routes = [("compiled", "mixed", default_rows), ("eager", "mixed", default_rows), ("compiled", "widened", default_rows),
+              ("eager", "widened", old_rows)] + [("compiled", "mixed", rows) for rows in (old_rows, 2048, 8192, 16384)]
+    saved = set(cross_entropy.COMPILED_SOFTMAX), set(cross_entropy.MIXED_ADDMM)
+    for softmax, weight_grad, rows in routes:
+        cross_entropy.COMPILED_SOFTMAX.clear()
+        cross_entropy.MIXED_ADDMM.clear()
+        if softmax == "compiled":
+            cross_entropy.COMPILED_SOFTMAX.add("cuda")
+        if weight_grad == "mixed":
+            cross_entropy.MIXED_ADDMM.add("cuda")
+        step = forward_backward(lambda f, w: linear_cross_entropy(f, w, None, targets, chunk_rows=rows)[0], features, weight)
+        print(f"kernel=loss_route softmax={softmax} weight_grad={weight_grad} rows={rows} ms={time_ms(step, reps):.3f} "
+              f"peak_mib={peak_mib(step):.0f}", flush=True)
+    cross_entropy.COMPILED_SOFTMAX.clear()
+    cross_entropy.MIXED_ADDMM.clear()
+    cross_entropy.COMPILED_SOFTMAX.update(saved[0])
+    cross_entropy.MIXED_ADDMM.update(saved[1])
 
 
 def compare_block_mask(batch: int, seq: int, reps: int) -> None:
@@ -194,6 +227,7 @@ def main() -> None:
     plain = forward_backward(lambda f, w: F.cross_entropy(F.linear(f, w).float(), targets), features, weight)
     report("linear_cross_entropy", ours, theirs, args.reps, torch_op=plain)
     print(f"# linear_cross_entropy peak MiB: scratchlm {peak_mib(ours):.0f} liger {peak_mib(theirs):.0f} plain {peak_mib(plain):.0f}")
+    compare_loss_routes(features, weight, targets, args.reps)
     padded_vocab = -(-args.vocab // VOCAB_MULTIPLE["cuda"]) * VOCAB_MULTIPLE["cuda"]
     # The chunk the library takes: rows from the real vocabulary, width padded.
     compare_chunk(default_chunk_rows("cuda", args.vocab, low_precision=True), padded_vocab, args.reps)

@@ -50,8 +50,9 @@ What is compared
   ``--model.compile true`` does in training (``nn.Module.compile()``, inductor; the loss stays
   eager), ``--compile both`` compiles the HF model too, as ``Trainer(torch_compile=True)`` would.
   Compilation happens in the warm-up steps and is not timed; the header says which side ran compiled.
-  ``--loss-chunk compiled`` runs our loss's softmax work through ``torch.compile`` on this device
-  (``objectives.cross_entropy.COMPILED_SOFTMAX``, off by default), to decide whether it should be.
+  ``--loss-chunk compiled`` or ``eager`` runs our loss's softmax work through ``torch.compile`` on
+  this device or eagerly, whatever ``objectives.cross_entropy.COMPILED_SOFTMAX`` says (``default``:
+  as it says; CUDA compiles, CPUs do not).
 
 MFU (model FLOPs utilisation)
 -----------------------------
@@ -482,7 +483,8 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"# allocator: {allocator()}",
         f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout {args.dropout} in both",
-        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: {args.loss_chunk}",
+        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: "
+        f"{'compiled' if args.device in cross_entropy.COMPILED_SOFTMAX else 'eager'} ({args.loss_chunk})",
     ]
 
 
@@ -538,8 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
     parser.add_argument("--compile", choices=list(COMPILED), default="none",
                         help="torch.compile our model, both models, or none (default)")
-    parser.add_argument("--loss-chunk", choices=["eager", "compiled"], default="eager",
-                        help="our loss's softmax work per chunk: eager blocks (default) or torch.compile (COMPILED_SOFTMAX)")
+    parser.add_argument("--loss-chunk", choices=["default", "eager", "compiled"], default="default",
+                        help="our loss's softmax work per chunk: as COMPILED_SOFTMAX says (default), eager blocks or torch.compile")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
@@ -588,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     if args.loss_chunk == "compiled":
         cross_entropy.COMPILED_SOFTMAX.add(args.device)
+    elif args.loss_chunk == "eager":
+        cross_entropy.COMPILED_SOFTMAX.discard(args.device)
     peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size, device=args.device) for d in args.dtype}
     print("\n".join(header(args, peaks)), flush=True)
     spec = spec_bf16_flops(args.device)

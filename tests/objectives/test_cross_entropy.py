@@ -187,7 +187,8 @@ def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
     assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=False) == 512
     assert cross_entropy.default_chunk_rows("cpu", 50257, low_precision=True) == 512
     assert cross_entropy.default_chunk_rows("cpu", 1000, low_precision=False) == (4 << 20) // 4000
-    assert cross_entropy.default_chunk_rows("cuda", 50257, low_precision=True) == (256 << 20) // (4 * 50257)
+    assert cross_entropy.default_chunk_rows("cuda", 50257, low_precision=True) == (1 << 30) // (4 * 50257)
+    assert cross_entropy.default_chunk_rows("xpu", 50257, low_precision=True) == (256 << 20) // (4 * 50257)
     # The call without chunk_rows uses the floor of its precision (the fp32 one set apart here).
     monkeypatch.setitem(cross_entropy.MIN_CHUNK_ROWS, "fp32", 300)
     seen = []
@@ -249,3 +250,63 @@ def test_the_fused_softmax_chunk_compiles(monkeypatch):
     assert accuracy_f == accuracy
     for got, want in zip(grads_f, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_rows_are_shared_evenly_between_chunks(monkeypatch):
+    """13 rows in chunks of at most 8 go as 7 and 6 (two chunks either way, neither of them small)."""
+    from scratchlm.objectives import cross_entropy
+
+    sizes = []
+    block = cross_entropy.softmax_block
+    monkeypatch.setattr(cross_entropy, "softmax_block", lambda logits, *rest: sizes.append(len(logits)) or block(logits, *rest))
+    features, weight, targets = torch.randn(13, 8), torch.randn(20, 8), torch.randint(20, (13,))
+    linear_cross_entropy(features, weight, None, targets, chunk_rows=8)
+    assert sizes == [7, 6]
+
+
+def test_a_softmax_chunk_that_does_not_compile_falls_back_with_one_warning(monkeypatch):
+    """Where the compiler fails (a GPU Triton does not support, no C++ compiler), the loss warns
+    once, gives the eager route's results, and does not try to compile again in the process."""
+    from scratchlm.objectives import cross_entropy
+
+    attempts = []
+
+    def broken(*args):
+        attempts.append(1)
+        raise RuntimeError("no compiler for this device\nmore detail")
+
+    args = inputs(bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear_cross_entropy(*args, chunk_rows=8)
+    monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", {"cpu"})
+    monkeypatch.setattr(cross_entropy, "compiled_softmax_chunk", lambda: broken)
+    monkeypatch.setitem(cross_entropy._compiled, "failed", False)
+    with pytest.warns(UserWarning, match="could not compile the loss's softmax chunk on cpu .RuntimeError: no compiler for this device.") as caught:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_cross_entropy(*args, chunk_rows=8)
+            again = linear_cross_entropy(*args, chunk_rows=8)
+    assert len(caught) == 1 and len(attempts) == 1
+    for result in (got, again):
+        torch.testing.assert_close(result[0], want[0], rtol=0, atol=0)
+        assert result[1] == want[1]
+
+
+def test_a_device_without_the_mixed_addmm_widens_each_chunk(monkeypatch):
+    """A device named in ``MIXED_ADDMM`` whose PyTorch cannot run it there (the CPU: the overload
+    is CUDA's) is found out once and takes the widening route, with its results."""
+    from scratchlm.objectives import cross_entropy
+
+    args = inputs(bias=False)
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = linear_cross_entropy(*args, chunk_rows=8)
+        return torch.autograd.grad(loss, args[:2])
+
+    want = grads()
+    monkeypatch.setattr(cross_entropy, "MIXED_ADDMM", {"cpu"})
+    monkeypatch.setitem(cross_entropy._compiled, "mixed_addmm", {})
+    got = grads()
+    assert cross_entropy._compiled["mixed_addmm"] == {"cpu": False}
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

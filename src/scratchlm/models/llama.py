@@ -183,7 +183,8 @@ class Llama(nn.Module):
 
     ``forward`` returns hidden states after the final RMSNorm; ``logits`` projects any of them onto
     the vocabulary. The rotary cosines and sines are computed on every forward, not cached in a
-    buffer: DDP broadcasts buffers on every forward, and they cost one small outer product.
+    buffer: DDP broadcasts buffers on every forward, and they cost one small outer product (done
+    outside a compiled graph: ``layers.rope_cos_sin``).
     """
 
     is_causal = True
@@ -237,12 +238,12 @@ class Llama(nn.Module):
         """
         T = input_ids.shape[1]
         check_length(T, self.config.max_positions)
-        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids, flex=True)
         if doc_ids is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         else:
             positions = positions_in_documents(doc_ids)  # (B, T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (..., T, K)
+        mask = build_attention_mask(attention_mask, causal=True, doc_ids=doc_ids, flex=True)
         x_BTD = self.tok_emb(input_ids)
         for block in self.blocks:
             x_BTD = block(x_BTD, cos, sin, mask)

@@ -338,14 +338,14 @@ class ModernBert(nn.Module):
         T = input_ids.shape[1]
         check_length(T, self.config.max_positions)
         device = input_ids.device
-        global_mask = build_attention_mask(attention_mask, causal=self.is_causal, doc_ids=doc_ids)
-        masks = {True: global_mask, False: local_mask(global_mask, self.window_band(T, device))}
         token_positions = torch.arange(T, device=device) if doc_ids is None else positions_in_documents(doc_ids)
         K = self.config.head_dim
         rope = {  # (..., T, K) cosines and sines of global and of local blocks
             True: rope_cos_sin(token_positions, K, self.config.global_rope_theta),
             False: rope_cos_sin(token_positions, K, self.config.local_rope_theta),
         }
+        global_mask = build_attention_mask(attention_mask, causal=self.is_causal, doc_ids=doc_ids)
+        masks = {True: global_mask, False: local_mask(global_mask, self.window_band(T, device))}
         x_BTD = self.emb_dropout(self.emb_norm(self.tok_emb(input_ids)))
         *body, last = self.blocks
         for block in body:

@@ -16,15 +16,22 @@ linear cross-entropy does the same on GPUs with Triton; this one is plain PyTorc
 anywhere.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from scratchlm.objectives.batch import IGNORE_INDEX
 
-CHUNK_BYTES = {"cpu": 4 << 20}
+CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
 """Bytes of fp32 logits per chunk (the rows that go through the matmuls together), by device type:
 small on CPUs, where ``MIN_CHUNK_ROWS`` decides for all but small vocabularies; on accelerators,
-where each chunk costs a few kernel launches, larger (``DEFAULT_CHUNK_BYTES``)."""
+where each chunk costs a few kernel launches and a pass over the weight gradient, larger
+(``DEFAULT_CHUNK_BYTES`` where the device type is not named). The rows are then shared out evenly
+between the chunks that many rows need. On an H100 (16384 rows, width 768, vocabulary 50257,
+bf16 autocast, forward and backward, ``benchmarks/kernels.py``): 10.5 ms in chunks of 1335 rows
+(the 256 MB budget), 9.8 of 2048, 8.8 of 4096 (this budget: 5341 rows, evened out to 4 × 4096),
+9.1 of 8192, 9.7 in one chunk; the loss's memory 243, 319, 516, 908 and 1694 MiB."""
 
 DEFAULT_CHUNK_BYTES = 256 << 20
 
@@ -55,14 +62,28 @@ steps of the throughput benchmark 0.98-0.99 (gpt2, three runs), 0.97 (bert), 1.0
 1024 rows were no faster (0.97 head and loss, 1.00 a gpt2 step)."""
 
 
-COMPILED_SOFTMAX: set[str] = set()
+COMPILED_SOFTMAX: set[str] = {"cuda"}
 """Device types whose chunks do their softmax work through ``torch.compile`` (:func:`softmax_chunk`:
-one fused reduction and one pointwise pass, where the eager route makes five passes). None by
-default: on two CPU cores the eager blocks are faster (N=4096, D=256, V=8192, forward and
-backward: 186 against 204-214 ms fp32, 77 against 85-107 ms bf16), and on GPUs it awaits a
-measurement (``benchmarks/throughput.py --loss-chunk compiled``, ``benchmarks/kernels.py``)."""
+one fused reduction and one pointwise pass over the low-precision logits, where the eager route
+widens them into an fp32 buffer and makes five passes over it). On an H100, one chunk of 5341 ×
+50304 bf16 logits: 4.9 ms eager, 1.2 compiled (1.8 with the rows dynamic); the whole loss as in
+``CHUNK_BYTES``, 20.4 ms with eager chunks against 8.8, and a llama-base training step 1.2 times
+as fast (``benchmarks/results/2026-11-27-h100.md``). Not CPUs: on two cores the eager blocks are
+faster (N=4096, D=256, V=8192, forward and backward: 186 against 204-214 ms fp32, 77 against
+85-107 ms bf16). Where the compiler fails (no Triton for the GPU, no C++ compiler), the loss
+warns once and goes on with the eager blocks."""
 
-_compiled = {"softmax_chunk": None}
+MIXED_ADDMM = {"cuda"}
+"""Device types where a low-precision chunk adds its weight gradient straight into the fp32 sum
+(``addmm`` with ``out_dtype=float32``: the products in bf16 or fp16, accumulated and written in
+fp32 by one kernel) rather than through a low-precision result widened and added (three more
+passes over the V×D gradient a chunk, and a rounding of each chunk's share to bf16): the H100
+loss of ``CHUNK_BYTES`` 8.8 ms against 9.4, 516 MiB against 737. PyTorch offers it on CUDA only,
+in recent versions; where it does not run, the widening route is taken."""
+
+_compiled = {"softmax_chunk": None, "failed": False, "mixed_addmm": {}}
+"""What this process has learnt: the compiled softmax chunk, whether compiling it failed, and by
+device type whether the mixed ``addmm`` runs."""
 
 
 def linear_cross_entropy(
@@ -148,16 +169,18 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     grad_b_V = torch.zeros(V, dtype=softmax_dtype, device=weight_VD.device) if need_bias else None
 
     rows = max(1, min(chunk_rows, N))
+    rows = -(-N // -(-N // rows)) if N else rows  # as many chunks, evened out
     # The softmax and its gradient go through each chunk in blocks that fit in cache (CPU), the
     # matmuls through the whole chunk: many rows amortise the pass each chunk makes over the
     # weight gradient, few rows keep the elementwise passes out of memory.
     block = max(1, min(rows, SOFTMAX_BYTES.get(x_ND.device.type, rows * V * 4) // (4 * V)))
-    fused_softmax = compiled_softmax_chunk() if x_ND.device.type in COMPILED_SOFTMAX else None
+    fused_softmax = compiled_softmax_chunk() if _compiles_softmax(x_ND.device.type) else None
     logits_buffer = x_ND.new_empty(rows, V)  # the logits, then (overwritten block by block) their gradient
     # The softmax works in place on fp32 logits, else (low precision) in an fp32 buffer per block.
     low_precision = compute_dtype != softmax_dtype
-    work_buffer = x_ND.new_empty(block, V, dtype=softmax_dtype) if low_precision and fused_softmax is None else None
-    weight_grad_chunk = x_ND.new_empty(V, D) if need_weight and low_precision else None
+    work_buffer = None
+    mixed_addmm = low_precision and _adds_mixed(x_ND.device.type)
+    weight_grad_chunk = x_ND.new_empty(V, D) if need_weight and low_precision and not mixed_addmm else None
     # The low-precision chunk's gradient is widened into a buffer of its own before it is added:
     # ``add_`` of mixed dtypes widens into a fresh (V, D) tensor per chunk, whose pages the kernel
     # zero-fills every time (bf16, V=8192, D=256: 3.1 ms a chunk in a training step).
@@ -176,12 +199,18 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
         else:
             torch.addmm(b_V, x_nD, w_VD.t(), out=logits_nV)
         if fused_softmax is not None:  # the whole chunk in one compiled pass, gradient over the logits
-            shifted_target_N1[start:stop], sum_exp_N1[start:stop] = fused_softmax(
-                logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
-            )
-            if need_bias:
-                grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
-        else:
+            try:
+                shifted_target_N1[start:stop], sum_exp_N1[start:stop] = fused_softmax(
+                    logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
+                )
+            except Exception as error:  # noqa: BLE001  (any compiler failure; a real bug raises again below)
+                fused_softmax = _give_up_compiling(x_ND.device.type, error)
+            else:
+                if need_bias:
+                    grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
+        if fused_softmax is None:
+            if low_precision and work_buffer is None:
+                work_buffer = x_ND.new_empty(block, V, dtype=softmax_dtype)
             for first in range(start, stop, block):
                 last = min(stop, first + block)
                 grad_bV = softmax_block(
@@ -199,7 +228,9 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
         grad_nV = logits_nV
         if need_features:
             torch.mm(grad_nV, w_VD, out=grad_x_ND[start:stop])
-        if need_weight and weight_grad_chunk is None:  # computed in the gradient's dtype
+        if need_weight and mixed_addmm:  # low-precision products summed in fp32 by cuBLAS
+            torch.addmm(grad_w_VD, grad_nV.t(), x_nD, out_dtype=softmax_dtype, beta=int(start > 0), out=grad_w_VD)
+        elif need_weight and weight_grad_chunk is None:  # computed in the gradient's dtype
             if start == 0:
                 torch.mm(grad_nV.t(), x_nD, out=grad_w_VD)
             else:
@@ -275,11 +306,46 @@ def softmax_chunk(
     return shifted_target, sum_exp
 
 
+def _compiles_softmax(device: str) -> bool:
+    return device in COMPILED_SOFTMAX and not _compiled["failed"]
+
+
+def _give_up_compiling(device: str, error: Exception) -> None:
+    """Warns that the softmax chunks go on eagerly in this process, and returns None (no fused
+    softmax) for the chunk loop."""
+    _compiled["failed"] = True
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    warnings.warn(
+        f"torch.compile could not compile the loss's softmax chunk on {device} ({type(error).__name__}: "
+        f"{first_line}); the loss goes on with its eager route",
+        stacklevel=2,
+    )
+    return None
+
+
+def _adds_mixed(device: str) -> bool:
+    """Whether ``device`` is in ``MIXED_ADDMM`` and this PyTorch runs its mixed ``addmm`` there
+    (tried once per device type on a 2×2 product, written over its own fp32 input)."""
+    if device not in MIXED_ADDMM:
+        return False
+    if device not in _compiled["mixed_addmm"]:
+        total = torch.ones(2, 2, device=device)
+        half = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        try:
+            torch.addmm(total, half, half, out_dtype=torch.float32, out=total)
+            works = total.eq(3).all().item()
+        except (RuntimeError, TypeError, NotImplementedError):  # no such overload, or not on this device
+            works = False
+        _compiled["mixed_addmm"][device] = works
+    return _compiled["mixed_addmm"][device]
+
+
 def compiled_softmax_chunk():
-    """:func:`softmax_chunk` through ``torch.compile`` (built once; shapes dynamic, as the last
-    chunk is shorter)."""
+    """:func:`softmax_chunk` through ``torch.compile`` (built once). Shapes static at first, as
+    evened-out chunks of a fixed batch all have one; a second shape (a batch of another size, as
+    MLM's masked rows vary) compiles once more with the rows dynamic."""
     if _compiled["softmax_chunk"] is None:
-        _compiled["softmax_chunk"] = torch.compile(softmax_chunk, dynamic=True)
+        _compiled["softmax_chunk"] = torch.compile(softmax_chunk)
     return _compiled["softmax_chunk"]
 
 
