@@ -62,3 +62,30 @@ def test_a_compiled_model_trains_like_the_plain_one_under_the_same_names(tokeniz
     assert compiled.model._compiled_call_impl is not None, "the model really ran compiled"
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     assert compiled.losses == pytest.approx(plain.losses, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "modernbert"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_rotary_tables_reach_the_compiled_graph_as_inputs(family, packed):
+    """The compiler never traces the rotary cosines and sines (``layers.rope_cos_sin``): traced,
+    Inductor would recompute them in every kernel that reads them. The captured graphs hold no
+    cos or sin, and the compiled model computes what the plain one does."""
+    from scratchlm.models import build_config, build_model
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes})
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = build_model(family, build_config(family, "tiny", vocab_size=300, **ARCH)).eval()
+    ids = torch.randint(300, (2, 24))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 24]) if packed else None
+    with torch.no_grad():
+        want = model(ids, doc_ids=doc_ids)
+        got = torch.compile(model, backend=record)(ids, doc_ids=doc_ids)
+    torch.testing.assert_close(got, want)
+    assert graphs and any(len(targets) > 20 for targets in graphs), "the blocks were not captured"
+    traced = sorted(t for targets in graphs for t in targets if "cos" in t or "sin" in t)
+    assert not traced, f"rotary tables traced into a graph: {traced}"
