@@ -6,16 +6,16 @@
 #
 # Steps: losstests (tests/test_cuda.py's fused-loss tests: the CUDA route of our loss, its softmax
 # chunks compiled and its weight gradient summed by a mixed-precision addmm, against the plain
-# route), kernels (benchmarks/kernels.py: our RMSNorm, SwiGLU and fused loss against
-# Liger-Kernel's, and our loss by route), bench (llama-base, ~124M, seq 1024, bf16, eager, against
-# transformers), compile (bench with both models compiled), fit (`scratchlm fit` of the same model
-# in bf16-mixed: the tokens/s and MFU training logs, loop and data loader included, on the corpus
-# prepared by `scratchlm prepare`), eagerloss (bench with our loss's softmax chunks eager, as
-# before CUDA compiled them), syncs (the training steps of tests/test_cuda.py run under CUDA's
-# sync debug mode: a failure names the op that makes the host wait), tests (the rest of
-# tests/test_cuda.py: FlexAttention forward and backward against the dense mask, Liger's SwiGLU,
-# a mixed-precision fit on the GPU), docs (bench with 4 packed documents per block:
-# FlexAttention in ours), families (gpt2 and bert base).
+# route), syncs (the training steps of tests/test_cuda.py run under CUDA's sync debug mode: a
+# failure names the op that makes the host wait), kernels (benchmarks/kernels.py: our RMSNorm,
+# SwiGLU and fused loss against Liger-Kernel's, and our loss by route), bench (llama-base, ~124M,
+# seq 1024, bf16, eager, against transformers), compile (bench with both models compiled, and the
+# top ops of a profile), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and
+# MFU training logs, loop and data loader included, on the corpus prepared by `scratchlm
+# prepare`), eagerloss (bench with our loss's softmax chunks eager, as before CUDA compiled them),
+# tests (the rest of tests/test_cuda.py: FlexAttention forward and backward against the dense
+# mask, Liger's SwiGLU, a mixed-precision fit on the GPU), docs (bench with 4 packed documents per
+# block: FlexAttention in ours), families (gpt2 and bert base).
 # The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
 # steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
 # repository (e.g. .corpus/, listed in .git/info/exclude), carry that folder, and set FIT_CORPUS.
@@ -36,7 +36,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=${OUT:-.}/gpu.log
 BUDGET=${GPU_BUDGET_S:-540}
 START=$SECONDS
-WANTED=" ${*:-losstests kernels bench compile fit eagerloss syncs tests docs families} "
+WANTED=" ${*:-losstests syncs kernels bench compile fit eagerloss tests docs families} "
 LLAMA_BASE=(--device cuda --preset base --vocab 50257 --seq 1024 --dtype bf16 --warmup 2 --steps 4)
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -62,6 +62,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 } | tee "$LOG"
 
 step losstests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k fused
+step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 step kernels 120 "$PYTHON" benchmarks/kernels.py
 step bench 120 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}"
 step compile 200 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --compile both --rounds 3 --profile 20
@@ -81,7 +82,6 @@ export -f fit_step
 export PYTHON
 step fit 150 bash -c fit_step
 step eagerloss 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --loss-chunk eager
-step syncs 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k never_waits
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits and not fused"
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
 step families 90 "$PYTHON" benchmarks/throughput.py --family gpt2,bert --device cuda --preset base \

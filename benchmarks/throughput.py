@@ -42,7 +42,9 @@ What is compared
   batch is 4096 // seq on CPU, so every case trains on 4096 tokens a step (batch 8 at seq 512),
   and 16384 // seq on a GPU.
 - Device (``--device``): both models, the batch and the optimizer states on the CPU or the GPU;
-  GPU rounds are timed between ``torch.cuda.synchronize()`` calls. ``--preset`` replaces the fixed
+  GPU rounds are timed between ``torch.cuda.synchronize()`` calls, with no host read of the loss
+  inside them (until 2026-11-27 each step read its loss, a wait for the GPU per step; GPU results
+  from before then carry that wait on both sides). ``--preset`` replaces the fixed
   config by a named size of each family (``base``: GPT-2 small's width and depth), ``--docs``
   packs several documents into each block with attention kept inside each (CLM only: our
   ``CausalLM(document_masks=True)``; HF the same mask as a 4D boolean ``attention_mask``).
@@ -290,14 +292,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(side: Side, dtype: str) -> float:
-    """One full training step; returns the loss (reading it waits for the device)."""
+def train_step(side: Side, dtype: str) -> torch.Tensor:
+    """One full training step; returns the loss, unread: on a GPU the host goes on queueing the
+    next step while this one runs, as in a training loop that reads the loss only to log it
+    (Lightning with our module, HF's Trainer). Rounds synchronise at their ends."""
     with autocast(dtype, device_of(side)):
         loss = side.loss()
     loss.backward()
     side.optimizer.step()
     side.optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.detach()
 
 
 def timed_round(side: Side, dtype: str, steps: int, tokens_per_step: int) -> float:
@@ -415,16 +419,26 @@ def spec_bf16_flops(device: str) -> tuple[str, float] | None:
 
 def profile_steps(side: Side, dtype: str, rows: int) -> str:
     """The ``rows`` ops with the most self time over two training steps, as a table: CPU time on
-    CPU, device time on a GPU."""
+    CPU, device time on a GPU. On a GPU a last line sets the kernels' time per step against the
+    profiled steps' wall time: a share well under 1 says the GPU waits for the host (launches,
+    Python, guards) part of each step."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device_of(side) == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
+        sync(side)
+        start = time.perf_counter()
         for _ in range(2):
             train_step(side, dtype)
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=50)
+        sync(side)
+        wall_ms = (time.perf_counter() - start) * 1000 / 2
+    averages = prof.key_averages()
+    if not on_gpu:
+        return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+    kernel_ms = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in averages) / 1000 / 2
+    return f"{table}\nkernel_ms_per_step={kernel_ms:.2f} wall_ms_per_step={wall_ms:.2f} (profiled) busy={kernel_ms / wall_ms:.2f}"
 
 
 # --- reporting -----------------------------------------------------------------------------------
