@@ -12,7 +12,7 @@
 # seq 1024, bf16, eager, against transformers), compile (bench with both models compiled, and the
 # top ops of a profile), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and
 # MFU training logs, loop and data loader included, on the corpus prepared by `scratchlm
-# prepare`), eagerloss (bench with our loss's softmax chunks eager, as before CUDA compiled them),
+# prepare`; then the bare steps of that model against HF's), eagerloss (bench with our loss's softmax chunks eager, as before CUDA compiled them),
 # tests (the rest of tests/test_cuda.py: FlexAttention forward and backward against the dense
 # mask, Liger's SwiGLU, a mixed-precision fit on the GPU), docs (bench with 4 packed documents per
 # block: FlexAttention in ours), families (gpt2 and bert base).
@@ -76,11 +76,16 @@ fit_step() {  # a tokenizer, the corpus prepared with it, then the fit: the loop
             --data.block_size 1024 --data.batch_size 16 --trainer.accelerator gpu --trainer.precision bf16-mixed \
             --trainer.max_steps 80 --trainer.log_every_n_steps 2 --trainer.val_check_interval 1000 \
             --trainer.enable_progress_bar false --trainer.default_root_dir "$dir/run" &&
-        "$PYTHON" benchmarks/fit_speed.py "$dir/run" --skip 20
+        "$PYTHON" benchmarks/fit_speed.py "$dir/run" --skip 20 &&
+        # The bare steps of the same model (the tokenizer's vocabulary), ours against HF: fit's
+        # tokens/s over these is what the loop costs.
+        "$PYTHON" benchmarks/throughput.py --family llama --device cuda --preset base --seq 1024 --dtype bf16 \
+            --warmup 2 --steps 4 --rounds 2 --vocab "$("$PYTHON" -c "import sys, tokenizers;
+print(tokenizers.Tokenizer.from_file(sys.argv[1] + '/tokenizer.json').get_vocab_size())" "$dir/tok")"
 }
 export -f fit_step
 export PYTHON
-step fit 150 bash -c fit_step
+step fit 180 bash -c fit_step
 step eagerloss 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --loss-chunk eager
 step tests 170 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -k "not never_waits and not fused"
 step docs 90 "$PYTHON" benchmarks/throughput.py --family llama "${LLAMA_BASE[@]}" --docs 4
