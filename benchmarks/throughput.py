@@ -427,11 +427,11 @@ def profile_steps(side: Side, dtype: str, rows: int) -> str:
     on_gpu = device_of(side) == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        sync(side)
+        synchronize(device_of(side))
         start = time.perf_counter()
         for _ in range(2):
             train_step(side, dtype)
-        sync(side)
+        synchronize(device_of(side))
         wall_ms = (time.perf_counter() - start) * 1000 / 2
     averages = prof.key_averages()
     if not on_gpu:

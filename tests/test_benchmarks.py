@@ -67,6 +67,18 @@ def test_throughput_prints_one_line_per_case(throughput, capsys):
         assert [float(v) for v in spread.groups()] == [pytest.approx(float(m[6]), abs=0.002)] * 3
 
 
+def test_throughput_profiles_both_sides(throughput, capsys):
+    """``--profile ROWS``: after the case line, each side's top ops as ``# [side]`` lines."""
+    throughput.main(
+        ["--family", "gpt2", "--dtype", "fp32", "--seq", "16", "--batch", "2", "--steps", "1",
+         "--rounds", "1", "--warmup", "0", "--peak-size", "64", "--threads", "1", "--profile", "3"]
+    )
+    output = capsys.readouterr().out
+    for side in ("scratchlm", "hf"):
+        rows = [line for line in output.splitlines() if line.startswith(f"# [{side}]")]
+        assert any("Self CPU" in line for line in rows), output
+
+
 def test_throughput_models_compute_the_same_loss(throughput, capsys):
     """The HF model of each case holds our weights: equal first losses show that the benchmark
     compares one architecture, not two."""
