@@ -204,7 +204,8 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
                     logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
                 )
             except Exception as error:  # noqa: BLE001  (any compiler failure; a real bug raises again below)
-                fused_softmax = _give_up_compiling(x_ND.device.type, error)
+                _give_up_compiling(x_ND.device.type, error)
+                fused_softmax = None
             else:
                 if need_bias:
                     grad_b_V.add_(logits_nV.sum(0, dtype=softmax_dtype))
@@ -311,8 +312,7 @@ def _compiles_softmax(device: str) -> bool:
 
 
 def _give_up_compiling(device: str, error: Exception) -> None:
-    """Warns that the softmax chunks go on eagerly in this process, and returns None (no fused
-    softmax) for the chunk loop."""
+    """Records that the softmax chunks go on eagerly in this process, and warns once."""
     _compiled["failed"] = True
     first_line = str(error).splitlines()[0] if str(error) else ""
     warnings.warn(
@@ -320,7 +320,6 @@ def _give_up_compiling(device: str, error: Exception) -> None:
         f"{first_line}); the loss goes on with its eager route",
         stacklevel=2,
     )
-    return None
 
 
 def _adds_mixed(device: str) -> bool:
