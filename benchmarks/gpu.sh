@@ -12,10 +12,11 @@
 # seq 1024, bf16, eager, against transformers), compile (bench with both models compiled, and the
 # top ops of a profile), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and
 # MFU training logs, loop and data loader included, on the corpus prepared by `scratchlm
-# prepare`; then the bare steps of that model against HF's), eagerloss (bench with our loss's softmax chunks eager, as before CUDA compiled them),
-# tests (the rest of tests/test_cuda.py: FlexAttention forward and backward against the dense
-# mask, Liger's SwiGLU, a mixed-precision fit on the GPU), docs (bench with 4 packed documents per
-# block: FlexAttention in ours), families (gpt2 and bert base).
+# prepare`; then the bare steps of that model against HF's), eagerloss (bench with our loss's
+# softmax chunks eager, as before CUDA compiled them), tests (the rest of tests/test_cuda.py:
+# FlexAttention forward and backward against the dense mask, Liger's SwiGLU, a mixed-precision
+# fit on the GPU), docs (bench with 4 packed documents per block: FlexAttention in ours),
+# families (gpt2 and bert base).
 # The fit reads $FIT_CORPUS (default: the built-in corpus, small enough to end an epoch every few
 # steps); to take a real corpus along to a device machine, copy one into an ignored folder of the
 # repository (e.g. .corpus/, listed in .git/info/exclude), carry that folder, and set FIT_CORPUS.
@@ -78,7 +79,8 @@ fit_step() {  # a tokenizer, the corpus prepared with it, then the fit: the loop
             --trainer.enable_progress_bar false --trainer.default_root_dir "$dir/run" &&
         "$PYTHON" benchmarks/fit_speed.py "$dir/run" --skip 20 &&
         # The bare steps of the same model (the tokenizer's vocabulary), ours against HF: fit's
-        # tokens/s over these is what the loop costs.
+        # tokens/s over these is what the loop costs. (LLAMA_BASE, an array, does not reach
+        # this function's shell.)
         "$PYTHON" benchmarks/throughput.py --family llama --device cuda --preset base --seq 1024 --dtype bf16 \
             --warmup 2 --steps 4 --rounds 2 --vocab "$("$PYTHON" -c "import sys, tokenizers;
 print(tokenizers.Tokenizer.from_file(sys.argv[1] + '/tokenizer.json').get_vocab_size())" "$dir/tok")"
