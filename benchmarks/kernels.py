@@ -19,11 +19,13 @@ the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case a
 side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
 (softmax, loss terms, the logits' gradient), eager against ``torch.compile``d ``softmax_chunk``
 (``ratio`` = eager / compiled), the route of a device in ``COMPILED_SOFTMAX``, with static shapes
-and (``dynamic_ms``) with the rows dynamic; and
-``kernel=loss_route``: our loss by route (the softmax chunks compiled or eager, the weight
+and (``dynamic_ms``) with the rows dynamic, and against the Triton kernel of ``TRITON_SOFTMAX``
+(``triton_ms``; ``kernel=loss_chunk_launch``: its launch shapes); and
+``kernel=loss_route``: our loss by route (the softmax chunks in Triton, compiled or eager, the weight
 gradient summed by a mixed-precision ``addmm`` or widened, rows per chunk), to set its defaults
 on GPUs; ``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
-compiled (``layers.FlexMask`` compiles it on GPUs).
+compiled (``layers.FlexMask`` compiles it on GPUs); ``kernel=attention``: one layer's causal
+attention by SDPA backend and through FlexAttention.
 
     python benchmarks/kernels.py            # needs a CUDA GPU and liger-kernel
 """
@@ -117,27 +119,34 @@ def chunk_passes(logits_nV, targets_n1, row_weight_n1):
 
 
 def compare_chunk(rows: int, vocab: int, reps: int) -> None:
-    """The elementwise part of one loss chunk, eager as the library runs it against compiled:
-    a candidate for ``objectives.cross_entropy`` on GPUs, where the eager passes are memory-bound."""
+    """The elementwise part of one loss chunk by route: eager blocks, ``torch.compile``d
+    ``softmax_chunk`` (static shapes, and the rows dynamic), and ``kernels.triton_loss``'s kernel
+    at its default launch (``triton_ms``) and at other block sizes and warp counts (one
+    ``kernel=loss_chunk_launch`` line each)."""
+    from scratchlm.kernels import triton_loss
+
     generator = torch.Generator(device="cuda").manual_seed(2)
     logits = torch.randn(rows, vocab, device="cuda", generator=generator).to(torch.bfloat16)
     targets = torch.randint(vocab, (rows, 1), device="cuda", generator=generator)
     weights = torch.full((rows, 1), 1.0 / rows, device="cuda")
     compiled = torch.compile(softmax_chunk)  # what COMPILED_SOFTMAX runs while the chunks keep one shape
     dynamic = torch.compile(softmax_chunk, dynamic=True)  # and once they change
+    routes = {"eager": chunk_passes, "compiled": compiled, "dynamic": dynamic, "triton": triton_loss.softmax_rows}
     results = []
-    for fn in (chunk_passes, compiled, dynamic):
+    for fn in routes.values():
         buffer = logits.clone()
         target, top = fn(buffer, targets, weights)
         results.append((buffer.float(), target, top))
     diff = max((a - b).abs().max().item() for other in results[1:] for a, b in zip(results[0], other))
-    eager_ms = time_ms(lambda: chunk_passes(logits.clone(), targets, weights), reps)
-    compiled_ms = time_ms(lambda: compiled(logits.clone(), targets, weights), reps)
-    dynamic_ms = time_ms(lambda: dynamic(logits.clone(), targets, weights), reps)
     clone_ms = time_ms(lambda: logits.clone(), reps)
-    print(f"kernel=loss_chunk rows={rows} vocab={vocab} eager_ms={eager_ms:.3f} compiled_ms={compiled_ms:.3f} "
-          f"ratio={eager_ms / compiled_ms:.2f} dynamic_ms={dynamic_ms:.3f} max_abs_diff={diff:.3g} "
-          f"clone_ms={clone_ms:.3f}", flush=True)
+    ms = {name: time_ms(lambda fn=fn: fn(logits.clone(), targets, weights), reps) - clone_ms for name, fn in routes.items()}
+    print(f"kernel=loss_chunk rows={rows} vocab={vocab} eager_ms={ms['eager']:.3f} compiled_ms={ms['compiled']:.3f} "
+          f"ratio={ms['eager'] / ms['compiled']:.2f} dynamic_ms={ms['dynamic']:.3f} triton_ms={ms['triton']:.3f} "
+          f"max_abs_diff={diff:.3g} clone_ms={clone_ms:.3f} (the clone taken out of each)", flush=True)
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            launch_ms = time_ms(lambda: triton_loss.softmax_rows(logits.clone(), targets, weights, block, warps), reps)
+            print(f"kernel=loss_chunk_launch block={block} warps={warps} ms={launch_ms - clone_ms:.3f}", flush=True)
 
 
 def compare_loss_routes(features, weight, targets, reps: int) -> None:
@@ -148,23 +157,52 @@ def compare_loss_routes(features, weight, targets, reps: int) -> None:
 
     default_rows = default_chunk_rows("cuda", weight.shape[0], low_precision=True)
     old_rows = default_chunk_rows("xpu", weight.shape[0], low_precision=True)  # the 256 MB budget
-    routes = [("compiled", "mixed", default_rows), ("eager", "mixed", default_rows), ("compiled", "widened", default_rows),
-              ("eager", "widened", old_rows)] + [("compiled", "mixed", rows) for rows in (old_rows, 2048, 8192, 16384)]
-    saved = set(cross_entropy.COMPILED_SOFTMAX), set(cross_entropy.MIXED_ADDMM)
+    routes = [("triton", "mixed", default_rows), ("compiled", "mixed", default_rows), ("eager", "mixed", default_rows),
+              ("triton", "widened", default_rows), ("eager", "widened", old_rows)]
+    routes += [("triton", "mixed", rows) for rows in (old_rows, 2048, 8192, 16384)]
+    switches = {"triton": cross_entropy.TRITON_SOFTMAX, "compiled": cross_entropy.COMPILED_SOFTMAX, "mixed": cross_entropy.MIXED_ADDMM}
+    saved = {name: set(devices) for name, devices in switches.items()}
     for softmax, weight_grad, rows in routes:
-        cross_entropy.COMPILED_SOFTMAX.clear()
-        cross_entropy.MIXED_ADDMM.clear()
-        if softmax == "compiled":
-            cross_entropy.COMPILED_SOFTMAX.add("cuda")
-        if weight_grad == "mixed":
-            cross_entropy.MIXED_ADDMM.add("cuda")
+        for name, devices in switches.items():
+            (devices.add if name in (softmax, weight_grad) else devices.discard)("cuda")
         step = forward_backward(lambda f, w: linear_cross_entropy(f, w, None, targets, chunk_rows=rows)[0], features, weight)
         print(f"kernel=loss_route softmax={softmax} weight_grad={weight_grad} rows={rows} ms={time_ms(step, reps):.3f} "
               f"peak_mib={peak_mib(step):.0f}", flush=True)
-    cross_entropy.COMPILED_SOFTMAX.clear()
-    cross_entropy.MIXED_ADDMM.clear()
-    cross_entropy.COMPILED_SOFTMAX.update(saved[0])
-    cross_entropy.MIXED_ADDMM.update(saved[1])
+    for name, devices in switches.items():
+        devices.clear()
+        devices.update(saved[name])
+
+
+def compare_attention(batch: int, seq: int, d_model: int, head_dim: int, reps: int) -> None:
+    """Causal attention of one layer, forward and backward in bf16, by SDPA backend (which one the
+    library's ``is_causal`` call gets is PyTorch's choice) and through FlexAttention with a causal
+    block mask: ``kernel=attention backend=<b> ms=<t> tflops=<f>`` (the causal half's FLOPs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    heads = d_model // head_dim
+    q, k, v = (leaf(batch, heads, seq, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * batch * heads * seq * seq * head_dim * 3.5 / 2  # QK^T and PV, forward + 2.5x backward, half masked
+    causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, seq, seq, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    routes = {"default": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+              "flex": lambda: flex(q, k, v, block_mask=causal)}
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        def run(backend=getattr(SDPBackend, name)):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        routes[name.split("_")[0].lower()] = run
+    upstream = torch.randn_like(q)
+    for name, fn in routes.items():
+        def step(fn=fn):
+            q.grad = k.grad = v.grad = None
+            fn().backward(upstream)
+        try:
+            ms = time_ms(step, reps)
+        except RuntimeError as error:  # a backend that does not take these shapes on this GPU
+            print(f"kernel=attention backend={name} unavailable: {str(error).splitlines()[0][:120]}", flush=True)
+            continue
+        print(f"kernel=attention backend={name} ms={ms:.3f} tflops={flops / ms / 1e9:.0f}", flush=True)
 
 
 def compare_block_mask(batch: int, seq: int, reps: int) -> None:
@@ -232,6 +270,7 @@ def main() -> None:
     # The chunk the library takes: rows from the real vocabulary, width padded.
     compare_chunk(default_chunk_rows("cuda", args.vocab, low_precision=True), padded_vocab, args.reps)
     compare_block_mask(args.tokens // 1024, 1024, args.reps)
+    compare_attention(args.tokens // 1024, 1024, D, 64, args.reps)
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ What is compared
   ``--model.compile true`` does in training (``nn.Module.compile()``, inductor; the loss stays
   eager), ``--compile both`` compiles the HF model too, as ``Trainer(torch_compile=True)`` would.
   Compilation happens in the warm-up steps and is not timed; the header says which side ran compiled.
-  ``--loss-chunk compiled`` or ``eager`` runs our loss's softmax work through ``torch.compile`` on
-  this device or eagerly, whatever ``objectives.cross_entropy.COMPILED_SOFTMAX`` says (``default``:
-  as it says; CUDA compiles, CPUs do not).
+  ``--loss-chunk triton``, ``compiled`` or ``eager`` runs our loss's softmax work per chunk in the
+  Triton kernel (``kernels.triton_loss``), through ``torch.compile`` or in eager blocks on this
+  device, whatever ``objectives.cross_entropy``'s ``TRITON_SOFTMAX`` and ``COMPILED_SOFTMAX`` say
+  (``default``: as they say; CUDA takes the Triton kernel, CPUs the eager blocks).
 
 MFU (model FLOPs utilisation)
 -----------------------------
@@ -497,9 +498,19 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"# allocator: {allocator()}",
         f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout {args.dropout} in both",
-        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: "
-        f"{'compiled' if args.device in cross_entropy.COMPILED_SOFTMAX else 'eager'} ({args.loss_chunk})",
+        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: {softmax_route(args.device)} ({args.loss_chunk})",
     ]
+
+
+LOSS_CHUNK_ROUTES = {"triton": cross_entropy.TRITON_SOFTMAX, "compiled": cross_entropy.COMPILED_SOFTMAX, "eager": set()}
+"""``--loss-chunk``'s routes, by the set of device types that takes each."""
+
+
+def softmax_route(device: str) -> str:
+    route = cross_entropy.fused_softmax_chunk(device, torch.float32)
+    if route is None:
+        return "eager"
+    return "compiled" if route is cross_entropy.compiled_softmax_chunk() else "triton"
 
 
 def case_line(family: str, dtype: str, seq: int, ours: float, hf: float, mfu: float) -> str:
@@ -554,8 +565,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
     parser.add_argument("--compile", choices=list(COMPILED), default="none",
                         help="torch.compile our model, both models, or none (default)")
-    parser.add_argument("--loss-chunk", choices=["default", "eager", "compiled"], default="default",
-                        help="our loss's softmax work per chunk: as COMPILED_SOFTMAX says (default), eager blocks or torch.compile")
+    parser.add_argument("--loss-chunk", choices=["default", *LOSS_CHUNK_ROUTES], default="default",
+                        help="our loss's softmax work per chunk: as TRITON_SOFTMAX and COMPILED_SOFTMAX say (default), "
+                             "the Triton kernel, torch.compile or eager blocks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
@@ -602,10 +614,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    if args.loss_chunk == "compiled":
-        cross_entropy.COMPILED_SOFTMAX.add(args.device)
-    elif args.loss_chunk == "eager":
-        cross_entropy.COMPILED_SOFTMAX.discard(args.device)
+    if args.loss_chunk != "default":
+        for route, devices in LOSS_CHUNK_ROUTES.items():
+            (devices.add if route == args.loss_chunk else devices.discard)(args.device)
     peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size, device=args.device) for d in args.dtype}
     print("\n".join(header(args, peaks)), flush=True)
     spec = spec_bf16_flops(args.device)

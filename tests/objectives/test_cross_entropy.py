@@ -1,5 +1,9 @@
 """The fused, chunked linear cross-entropy equals the plain route: loss and every gradient."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,6 +256,41 @@ def test_the_fused_softmax_chunk_compiles(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+TRITON_CHECK = """
+import torch
+from scratchlm.kernels import triton_loss
+from scratchlm.objectives.cross_entropy import softmax_chunk
+
+generator = torch.Generator().manual_seed(0)
+for dtype, atol in ((torch.float32, 1e-7), (torch.bfloat16, 1 / 256)):
+    logits = (torch.randn(9, 700, generator=generator) * 4).to(dtype)
+    logits[:, -6:] = float("-inf")
+    targets = torch.randint(694, (9, 1), generator=generator)
+    weights = torch.rand(9, 1, generator=generator)
+    want_logits, got_logits, untouched = logits.clone(), logits.clone(), logits.clone()
+    want = softmax_chunk(want_logits, targets, weights)
+    got = triton_loss.softmax_rows(got_logits, targets, weights, block=256, warps=1)
+    without_grad = triton_loss.softmax_rows(untouched, targets, None, block=256, warps=1)
+    for result in (got, without_grad):
+        torch.testing.assert_close(result[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(result[1], want[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=atol)
+    assert torch.equal(untouched, logits)
+print("ok")
+"""
+
+
+def test_the_triton_softmax_kernel_matches_its_spec():
+    """``kernels.triton_loss``'s kernel gives ``softmax_chunk``'s results and writes its gradient,
+    fp32 and bf16, over rows longer than a block and a padded vocabulary's -inf columns. Run by
+    Triton's interpreter on CPU, in a process of its own (the interpreter must be chosen before
+    Triton is first imported); skipped where Triton is not installed, as with PyTorch's CPU builds."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_the_rows_are_shared_evenly_between_chunks(monkeypatch):
     """13 rows in chunks of at most 8 go as 7 and 6 (two chunks either way, neither of them small)."""
     from scratchlm.objectives import cross_entropy
@@ -281,7 +320,7 @@ def test_a_softmax_chunk_that_does_not_compile_falls_back_with_one_warning(monke
     monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", {"cpu"})
     monkeypatch.setattr(cross_entropy, "compiled_softmax_chunk", lambda: broken)
     monkeypatch.setitem(cross_entropy._compiled, "failed", False)
-    with pytest.warns(UserWarning, match="could not compile the loss's softmax chunk on cpu .RuntimeError: no compiler for this device.") as caught:
+    with pytest.warns(UserWarning, match="the loss's fused softmax chunk failed on cpu .RuntimeError: no compiler for this device.") as caught:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = linear_cross_entropy(*args, chunk_rows=8)
             again = linear_cross_entropy(*args, chunk_rows=8)

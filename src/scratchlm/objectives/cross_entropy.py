@@ -73,6 +73,11 @@ faster (N=4096, D=256, V=8192, forward and backward: 186 against 204-214 ms fp32
 85-107 ms bf16). Where the compiler fails (no Triton for the GPU, no C++ compiler), the loss
 warns once and goes on with the eager blocks."""
 
+TRITON_SOFTMAX = {"cuda"}
+"""Device types whose chunks do their softmax work in one Triton kernel where Triton is installed
+(``kernels.triton_loss``: two reads and one write of the logits a chunk), before
+``COMPILED_SOFTMAX``'s route."""
+
 MIXED_ADDMM = {"cuda"}
 """Device types where a low-precision chunk adds its weight gradient straight into the fp32 sum
 (``addmm`` with ``out_dtype=float32``: the products in bf16 or fp16, accumulated and written in
@@ -174,7 +179,7 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     # matmuls through the whole chunk: many rows amortise the pass each chunk makes over the
     # weight gradient, few rows keep the elementwise passes out of memory.
     block = max(1, min(rows, SOFTMAX_BYTES.get(x_ND.device.type, rows * V * 4) // (4 * V)))
-    fused_softmax = compiled_softmax_chunk() if _compiles_softmax(x_ND.device.type) else None
+    fused_softmax = fused_softmax_chunk(x_ND.device.type, softmax_dtype)
     logits_buffer = x_ND.new_empty(rows, V)  # the logits, then (overwritten block by block) their gradient
     # The softmax works in place on fp32 logits, else (low precision) in an fp32 buffer per block.
     low_precision = compute_dtype != softmax_dtype
@@ -204,7 +209,7 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
                     logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
                 )
             except Exception as error:  # noqa: BLE001  (any compiler failure; a real bug raises again below)
-                _give_up_compiling(x_ND.device.type, error)
+                _give_up_fusing(x_ND.device.type, error)
                 fused_softmax = None
             else:
                 if need_bias:
@@ -307,17 +312,29 @@ def softmax_chunk(
     return shifted_target, sum_exp
 
 
-def _compiles_softmax(device: str) -> bool:
-    return device in COMPILED_SOFTMAX and not _compiled["failed"]
+def fused_softmax_chunk(device: str, softmax_dtype: torch.dtype):
+    """What does the softmax work of whole chunks on ``device``, called as :func:`softmax_chunk`:
+    the Triton kernel (``TRITON_SOFTMAX``, fp32 softmax only), the compiled chunk
+    (``COMPILED_SOFTMAX``), or None for the eager blocks (elsewhere, or once either failed)."""
+    if _compiled["failed"]:
+        return None
+    if device in TRITON_SOFTMAX and softmax_dtype == torch.float32:
+        from scratchlm.kernels import triton_loss  # imports Triton: only for the devices named
+
+        if triton_loss.AVAILABLE:
+            return triton_loss.softmax_rows
+    if device in COMPILED_SOFTMAX:
+        return compiled_softmax_chunk()
+    return None
 
 
-def _give_up_compiling(device: str, error: Exception) -> None:
+def _give_up_fusing(device: str, error: Exception) -> None:
     """Records that the softmax chunks go on eagerly in this process, and warns once."""
     _compiled["failed"] = True
     first_line = str(error).splitlines()[0] if str(error) else ""
     warnings.warn(
-        f"torch.compile could not compile the loss's softmax chunk on {device} ({type(error).__name__}: "
-        f"{first_line}); the loss goes on with its eager route",
+        f"the loss's fused softmax chunk failed on {device} ({type(error).__name__}: {first_line}); "
+        "the loss goes on with its eager route",
         stacklevel=2,
     )
 
