@@ -423,6 +423,7 @@ def profile_steps(side: Side, dtype: str, rows: int) -> str:
     CPU, device time on a GPU. On a GPU a last line sets the kernels' time per step against the
     profiled steps' wall time: a share well under 1 says the GPU waits for the host (launches,
     Python, guards) part of each step."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device_of(side) == "cuda"
@@ -438,7 +439,8 @@ def profile_steps(side: Side, dtype: str, rows: int) -> str:
     if not on_gpu:
         return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
     table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
-    kernel_ms = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in averages) / 1000 / 2
+    # The kernels' own rows (an op's row repeats the time of the kernels it launched).
+    kernel_ms = sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU) / 1000 / 2
     return f"{table}\nkernel_ms_per_step={kernel_ms:.2f} wall_ms_per_step={wall_ms:.2f} (profiled) busy={kernel_ms / wall_ms:.2f}"
 
 
