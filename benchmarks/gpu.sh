@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh bench compile   # only the named steps
 #
 # Steps: losstests (tests/test_cuda.py's fused-loss tests: the CUDA route of our loss, its softmax
-# chunks compiled and its weight gradient summed by a mixed-precision addmm, against the plain
+# chunks in a Triton kernel and its weight gradient summed by a mixed-precision addmm, against the plain
 # route), syncs (the training steps of tests/test_cuda.py run under CUDA's sync debug mode: a
 # failure names the op that makes the host wait), kernels (benchmarks/kernels.py: our RMSNorm,
 # SwiGLU and fused loss against Liger-Kernel's, and our loss by route), bench (llama-base, ~124M,
@@ -13,7 +13,7 @@
 # top ops of a profile), fit (`scratchlm fit` of the same model in bf16-mixed: the tokens/s and
 # MFU training logs, loop and data loader included, on the corpus prepared by `scratchlm
 # prepare`; then the bare steps of that model against HF's), eagerloss (bench with our loss's
-# softmax chunks eager, as before CUDA compiled them), tests (the rest of tests/test_cuda.py:
+# softmax chunks eager, as without the Triton kernel), tests (the rest of tests/test_cuda.py:
 # FlexAttention forward and backward against the dense mask, Liger's SwiGLU, a mixed-precision
 # fit on the GPU), docs (bench with 4 packed documents per block: FlexAttention in ours),
 # families (gpt2 and bert base).

@@ -18,10 +18,10 @@ through ``kernels.liger``), ``linear_cross_entropy``. ``torch_ms``: the hand-wri
 the CPU route, and the plain ``F.cross_entropy(F.linear(...))``. The loss case also prints each
 side's peak memory. Last, ``kernel=loss_chunk``: the elementwise work of one chunk of our loss
 (softmax, loss terms, the logits' gradient), eager against ``torch.compile``d ``softmax_chunk``
-(``ratio`` = eager / compiled), the route of a device in ``COMPILED_SOFTMAX``, with static shapes
-and (``dynamic_ms``) with the rows dynamic, and against the Triton kernel of ``TRITON_SOFTMAX``
-(``triton_ms``; ``kernel=loss_chunk_launch``: its launch shapes); and
-``kernel=loss_route``: our loss by route (the softmax chunks in Triton, compiled or eager, the weight
+(``ratio`` = eager / compiled) with static shapes and (``dynamic_ms``) with the rows dynamic, and
+against the Triton kernel of ``TRITON_SOFTMAX`` (``triton_ms``; ``kernel=loss_chunk_launch``: its
+launch shapes); and
+``kernel=loss_route``: our loss by route (the softmax chunks in Triton or eager, the weight
 gradient summed by a mixed-precision ``addmm`` or widened, rows per chunk), to set its defaults
 on GPUs; ``kernel=block_mask``: FlexAttention's document mask for a packed batch, built eagerly against
 compiled (``layers.FlexMask`` compiles it on GPUs); ``kernel=attention``: one layer's causal
@@ -129,8 +129,8 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
     logits = torch.randn(rows, vocab, device="cuda", generator=generator).to(torch.bfloat16)
     targets = torch.randint(vocab, (rows, 1), device="cuda", generator=generator)
     weights = torch.full((rows, 1), 1.0 / rows, device="cuda")
-    compiled = torch.compile(softmax_chunk)  # what COMPILED_SOFTMAX runs while the chunks keep one shape
-    dynamic = torch.compile(softmax_chunk, dynamic=True)  # and once they change
+    compiled = torch.compile(softmax_chunk)  # the kernel's spec compiled, for a chunk of one shape
+    dynamic = torch.compile(softmax_chunk, dynamic=True)  # and for chunks of changing rows
     routes = {"eager": chunk_passes, "compiled": compiled, "dynamic": dynamic, "triton": triton_loss.softmax_rows}
     results = []
     for fn in routes.values():
@@ -150,17 +150,17 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
 
 
 def compare_loss_routes(features, weight, targets, reps: int) -> None:
-    """Our loss, forward and backward, by route: the softmax chunks compiled or eager, the weight
+    """Our loss, forward and backward, by route: the softmax chunks in the Triton kernel or eager, the weight
     gradient summed in fp32 by a mixed-precision ``addmm`` or widened chunk by chunk, and rows
     per chunk (the first line is the route as it stands, the others change one thing each)."""
     from scratchlm.objectives import cross_entropy
 
     default_rows = default_chunk_rows("cuda", weight.shape[0], low_precision=True)
     old_rows = default_chunk_rows("xpu", weight.shape[0], low_precision=True)  # the 256 MB budget
-    routes = [("triton", "mixed", default_rows), ("compiled", "mixed", default_rows), ("eager", "mixed", default_rows),
-              ("triton", "widened", default_rows), ("eager", "widened", old_rows)]
+    routes = [("triton", "mixed", default_rows), ("eager", "mixed", default_rows), ("triton", "widened", default_rows),
+              ("eager", "widened", old_rows)]
     routes += [("triton", "mixed", rows) for rows in (old_rows, 2048, 8192, 16384)]
-    switches = {"triton": cross_entropy.TRITON_SOFTMAX, "compiled": cross_entropy.COMPILED_SOFTMAX, "mixed": cross_entropy.MIXED_ADDMM}
+    switches = {"triton": cross_entropy.TRITON_SOFTMAX, "mixed": cross_entropy.MIXED_ADDMM}
     saved = {name: set(devices) for name, devices in switches.items()}
     for softmax, weight_grad, rows in routes:
         for name, devices in switches.items():

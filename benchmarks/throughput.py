@@ -52,10 +52,10 @@ What is compared
   ``--model.compile true`` does in training (``nn.Module.compile()``, inductor; the loss stays
   eager), ``--compile both`` compiles the HF model too, as ``Trainer(torch_compile=True)`` would.
   Compilation happens in the warm-up steps and is not timed; the header says which side ran compiled.
-  ``--loss-chunk triton``, ``compiled`` or ``eager`` runs our loss's softmax work per chunk in the
-  Triton kernel (``kernels.triton_loss``), through ``torch.compile`` or in eager blocks on this
-  device, whatever ``objectives.cross_entropy``'s ``TRITON_SOFTMAX`` and ``COMPILED_SOFTMAX`` say
-  (``default``: as they say; CUDA takes the Triton kernel, CPUs the eager blocks).
+  ``--loss-chunk triton`` or ``eager`` runs our loss's softmax work per chunk in the Triton kernel
+  (``kernels.triton_loss``) or in eager blocks on this device, whatever
+  ``objectives.cross_entropy.TRITON_SOFTMAX`` says (``default``: as it says; CUDA takes the
+  kernel, CPUs the eager blocks).
 
 MFU (model FLOPs utilisation)
 -----------------------------
@@ -439,8 +439,10 @@ def profile_steps(side: Side, dtype: str, rows: int) -> str:
     if not on_gpu:
         return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
     table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
-    # The kernels' own rows (an op's row repeats the time of the kernels it launched).
-    kernel_ms = sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU) / 1000 / 2
+    # The kernels' own rows, as the table's total counts them (an op's row repeats the time of the
+    # kernels it launched, and a GPU-side annotation such as the optimizer step's spans its kernels).
+    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
+    kernel_ms = kernel_us / 1000 / 2
     return f"{table}\nkernel_ms_per_step={kernel_ms:.2f} wall_ms_per_step={wall_ms:.2f} (profiled) busy={kernel_ms / wall_ms:.2f}"
 
 
@@ -500,19 +502,9 @@ def header(args, peaks: dict[str, float]) -> list[str]:
         f"# allocator: {allocator()}",
         f"# config: {model}; batch={args.batch} seq={args.seq}{docs}; warmup={args.warmup} "
         f"rounds={args.rounds} steps/round={args.steps}; fused AdamW(lr=1e-4); dropout {args.dropout} in both",
-        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: {softmax_route(args.device)} ({args.loss_chunk})",
+        f"# compiled: {COMPILED[args.compile]}; our loss's softmax chunks: "
+        f"{'eager' if cross_entropy.fused_softmax_chunk(args.device, torch.float32) is None else 'triton'} ({args.loss_chunk})",
     ]
-
-
-LOSS_CHUNK_ROUTES = {"triton": cross_entropy.TRITON_SOFTMAX, "compiled": cross_entropy.COMPILED_SOFTMAX, "eager": set()}
-"""``--loss-chunk``'s routes, by the set of device types that takes each."""
-
-
-def softmax_route(device: str) -> str:
-    route = cross_entropy.fused_softmax_chunk(device, torch.float32)
-    if route is None:
-        return "eager"
-    return "compiled" if route is cross_entropy.compiled_softmax_chunk() else "triton"
 
 
 def case_line(family: str, dtype: str, seq: int, ours: float, hf: float, mfu: float) -> str:
@@ -567,9 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also print (as # lines) the top ROWS ops of two profiled steps of each model")
     parser.add_argument("--compile", choices=list(COMPILED), default="none",
                         help="torch.compile our model, both models, or none (default)")
-    parser.add_argument("--loss-chunk", choices=["default", *LOSS_CHUNK_ROUTES], default="default",
-                        help="our loss's softmax work per chunk: as TRITON_SOFTMAX and COMPILED_SOFTMAX say (default), "
-                             "the Triton kernel, torch.compile or eager blocks")
+    parser.add_argument("--loss-chunk", choices=["default", "triton", "eager"], default="default",
+                        help="our loss's softmax work per chunk: as TRITON_SOFTMAX says (default), the Triton kernel or eager blocks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.family = split_choices(parser, "--family", args.family, list(FAMILY_ARCH))
@@ -616,9 +607,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    if args.loss_chunk != "default":
-        for route, devices in LOSS_CHUNK_ROUTES.items():
-            (devices.add if route == args.loss_chunk else devices.discard)(args.device)
+    if args.loss_chunk == "triton":
+        cross_entropy.TRITON_SOFTMAX.add(args.device)
+    elif args.loss_chunk == "eager":
+        cross_entropy.TRITON_SOFTMAX.discard(args.device)
     peaks = {d: matmul_peak(PEAK_DTYPES[d], args.peak_size, device=args.device) for d in args.dtype}
     print("\n".join(header(args, peaks)), flush=True)
     spec = spec_bf16_flops(args.device)

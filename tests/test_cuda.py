@@ -69,18 +69,16 @@ def test_flex_document_masks_match_the_dense_mask_forward_and_backward(family, m
         torch.testing.assert_close(flex_grads[name], dense_grads[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("route", ["default", "compiled", "eager"])
+@pytest.mark.parametrize("route", ["default", "eager"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_linear_cross_entropy_matches_the_plain_route_on_cuda(autocast, route, monkeypatch):
     """The CUDA route (softmax chunks in the Triton kernel; under autocast the weight gradient
-    summed in fp32 by a mixed-precision ``addmm``), the compiled chunks and the eager blocks all
-    give the plain route's loss and gradients."""
-    if route != "default":
-        monkeypatch.setattr(cross_entropy, "TRITON_SOFTMAX", set())
+    summed in fp32 by a mixed-precision ``addmm``) and the eager one both give the plain route's
+    loss and gradients."""
     if route == "eager":
-        monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", set())
+        monkeypatch.setattr(cross_entropy, "TRITON_SOFTMAX", set())
         monkeypatch.setattr(cross_entropy, "MIXED_ADDMM", set())
-    if route == "default":
+    else:
         from scratchlm.kernels import triton_loss
 
         assert cross_entropy.fused_softmax_chunk("cuda", torch.float32) is triton_loss.softmax_rows
@@ -94,8 +92,8 @@ def test_fused_linear_cross_entropy_matches_the_plain_route_on_cuda(autocast, ro
         plain = F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100)
     fused_grads = torch.autograd.grad(fused, (x, w))
     plain_grads = torch.autograd.grad(plain, (x, w))
-    if route != "eager":
-        assert not cross_entropy._compiled["failed"], "the fused softmax chunk failed"
+    if route == "default":
+        assert not cross_entropy._learnt["failed"], "the fused softmax chunk failed"
         assert cross_entropy._adds_mixed("cuda"), "this PyTorch has no mixed-precision addmm on CUDA"
     tolerance = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fused, plain, **tolerance)
@@ -154,9 +152,9 @@ def gpu_syncs_refused():
 
 class GpuWatched(Watched):
     watch = staticmethod(gpu_syncs_refused)
-    # Compiling synchronises: the first step compiles FlexAttention and the loss's softmax chunk
-    # (static shapes), the second compiles the chunk again for MLM, whose masked rows change in
-    # number from batch to batch (dynamic rows from then on).
+    # Compiling synchronises: the first step compiles FlexAttention and the loss's Triton kernel.
+    # The second is left unwatched as well, a margin for a compile on a batch of another shape
+    # (MLM's masked rows differ in number from batch to batch).
     unwatched_steps = 2
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -207,7 +208,8 @@ def test_chunks_keep_enough_rows_for_large_vocabularies(monkeypatch):
 
 
 def fused_route_against_blocks(args, autocast: bool, vocab_multiple: int, monkeypatch):
-    """(loss, accuracy, grads) of the default route, then of ``COMPILED_SOFTMAX``'s on CPU."""
+    """(loss, accuracy, grads) of the default route, then of the whole-chunk route of a device in
+    ``TRITON_SOFTMAX`` with ``softmax_chunk``, the kernel's spec, standing in for the kernel."""
     from scratchlm.objectives import cross_entropy
 
     def run():
@@ -217,7 +219,7 @@ def fused_route_against_blocks(args, autocast: bool, vocab_multiple: int, monkey
         return loss.detach(), accuracy, torch.autograd.grad(loss, leaves)
 
     blocks = run()
-    monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", {"cpu"})
+    monkeypatch.setattr(cross_entropy, "fused_softmax_chunk", lambda device, dtype: cross_entropy.softmax_chunk)
     return blocks, run()
 
 
@@ -225,11 +227,8 @@ def fused_route_against_blocks(args, autocast: bool, vocab_multiple: int, monkey
 @pytest.mark.parametrize("vocab_multiple", [1, 64])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_fused_softmax_chunk_changes_nothing(bias, vocab_multiple, autocast, monkeypatch):
-    """The route of a device in ``COMPILED_SOFTMAX`` (``softmax_chunk`` over whole chunks, run
-    uncompiled here): the loss, accuracy and gradients of the eager blocks, padded vocabulary too."""
-    from scratchlm.objectives import cross_entropy
-
-    monkeypatch.setattr(cross_entropy, "compiled_softmax_chunk", lambda: cross_entropy.softmax_chunk)
+    """The route of a device in ``TRITON_SOFTMAX`` (the softmax work of whole chunks at once):
+    the loss, accuracy and gradients of the eager blocks, padded vocabulary too."""
     (loss, accuracy, grads), (loss_f, accuracy_f, grads_f) = fused_route_against_blocks(
         inputs(bias), autocast, vocab_multiple, monkeypatch
     )
@@ -238,22 +237,6 @@ def test_the_fused_softmax_chunk_changes_nothing(bias, vocab_multiple, autocast,
     assert accuracy_f == accuracy
     for got, want in zip(grads_f, grads, strict=True):
         torch.testing.assert_close(got, want, **tolerance)
-
-
-def test_the_fused_softmax_chunk_compiles(monkeypatch):
-    """Through ``torch.compile`` as a GPU in ``COMPILED_SOFTMAX`` would run it (CPU standing in;
-    chunks of 8 rows and a last one of 5, one dynamic compilation)."""
-    from scratchlm.objectives import cross_entropy
-
-    monkeypatch.setitem(cross_entropy._compiled, "softmax_chunk", None)
-    (loss, accuracy, grads), (loss_f, accuracy_f, grads_f) = fused_route_against_blocks(
-        inputs(bias=True), False, 1, monkeypatch
-    )
-    assert cross_entropy._compiled["softmax_chunk"] is not None
-    torch.testing.assert_close(loss_f, loss, rtol=1e-6, atol=1e-6)
-    assert accuracy_f == accuracy
-    for got, want in zip(grads_f, grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 TRITON_CHECK = """
@@ -303,9 +286,27 @@ def test_the_rows_are_shared_evenly_between_chunks(monkeypatch):
     assert sizes == [7, 6]
 
 
-def test_a_softmax_chunk_that_does_not_compile_falls_back_with_one_warning(monkeypatch):
-    """Where the compiler fails (a GPU Triton does not support, no C++ compiler), the loss warns
-    once, gives the eager route's results, and does not try to compile again in the process."""
+def test_the_triton_kernel_is_taken_only_where_it_can_run(monkeypatch):
+    """A device in ``TRITON_SOFTMAX`` with Triton installed and an fp32 softmax takes the kernel;
+    the CPU by default, a missing Triton and fp64 (gradcheck) keep the eager blocks."""
+    from scratchlm import kernels
+    from scratchlm.objectives import cross_entropy
+
+    assert cross_entropy.fused_softmax_chunk("cpu", torch.float32) is None
+    monkeypatch.setattr(cross_entropy, "TRITON_SOFTMAX", {"cpu"})
+    stand_in = SimpleNamespace(AVAILABLE=True, softmax_rows=lambda *args: None)
+    monkeypatch.setattr(kernels, "triton_loss", stand_in, raising=False)
+    assert cross_entropy.fused_softmax_chunk("cpu", torch.float32) is stand_in.softmax_rows
+    assert cross_entropy.fused_softmax_chunk("cpu", torch.float64) is None
+    stand_in.AVAILABLE = False
+    assert cross_entropy.fused_softmax_chunk("cpu", torch.float32) is None
+
+
+def test_a_fused_softmax_chunk_that_fails_falls_back_with_one_warning(monkeypatch):
+    """Where the kernel fails to compile (a GPU Triton does not support), the loss warns once,
+    gives the eager route's results, and does not try the kernel again in the process (the CPU
+    and a stand-in kernel module playing the GPU and Triton's)."""
+    from scratchlm import kernels
     from scratchlm.objectives import cross_entropy
 
     attempts = []
@@ -317,9 +318,9 @@ def test_a_softmax_chunk_that_does_not_compile_falls_back_with_one_warning(monke
     args = inputs(bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = linear_cross_entropy(*args, chunk_rows=8)
-    monkeypatch.setattr(cross_entropy, "COMPILED_SOFTMAX", {"cpu"})
-    monkeypatch.setattr(cross_entropy, "compiled_softmax_chunk", lambda: broken)
-    monkeypatch.setitem(cross_entropy._compiled, "failed", False)
+    monkeypatch.setattr(cross_entropy, "TRITON_SOFTMAX", {"cpu"})
+    monkeypatch.setattr(kernels, "triton_loss", SimpleNamespace(AVAILABLE=True, softmax_rows=broken), raising=False)
+    monkeypatch.setitem(cross_entropy._learnt, "failed", False)
     with pytest.warns(UserWarning, match="the loss's fused softmax chunk failed on cpu .RuntimeError: no compiler for this device.") as caught:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = linear_cross_entropy(*args, chunk_rows=8)
@@ -344,8 +345,8 @@ def test_a_device_without_the_mixed_addmm_widens_each_chunk(monkeypatch):
 
     want = grads()
     monkeypatch.setattr(cross_entropy, "MIXED_ADDMM", {"cpu"})
-    monkeypatch.setitem(cross_entropy._compiled, "mixed_addmm", {})
+    monkeypatch.setitem(cross_entropy._learnt, "mixed_addmm", {})
     got = grads()
-    assert cross_entropy._compiled["mixed_addmm"] == {"cpu": False}
+    assert cross_entropy._learnt["mixed_addmm"] == {"cpu": False}
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

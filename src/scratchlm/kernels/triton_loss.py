@@ -73,13 +73,17 @@ def softmax_rows(
     """What ``softmax_chunk`` returns and writes, for logits whose rows are contiguous (fp32 row
     weights and results, one per row). ``block`` and ``warps`` are the launch's shape."""
     rows, cols = logits_nV.shape
-    if logits_nV.stride(1) != 1 or targets_n1.stride(0) != 1:
-        raise ValueError("softmax_rows needs contiguous rows of logits and one target per row")
+    if logits_nV.stride(1) != 1:
+        raise ValueError("softmax_rows needs logits whose rows are contiguous")
+    with_grad = row_weight_n1 is not None
+    if with_grad and row_weight_n1.dtype != torch.float32:
+        raise ValueError(f"softmax_rows needs fp32 row weights, got {row_weight_n1.dtype}")
+    # Fresh copies of the chunk's share of the per-row inputs: Triton compiles a kernel for each
+    # 16-byte alignment of its pointers, and a chunk's slice of the rows may start anywhere.
+    targets_n1 = targets_n1.clone(memory_format=torch.contiguous_format)
+    row_weight_n1 = row_weight_n1.clone(memory_format=torch.contiguous_format) if with_grad else None
     shifted_target_n1 = torch.empty(rows, 1, dtype=torch.float32, device=logits_nV.device)
     sum_exp_n1 = torch.empty_like(shifted_target_n1)
-    with_grad = row_weight_n1 is not None
-    if with_grad and (row_weight_n1.dtype != torch.float32 or row_weight_n1.stride(0) != 1):
-        raise ValueError("softmax_rows needs one fp32 row weight per row")
     if rows:
         _softmax_rows_kernel[(rows,)](
             logits_nV, logits_nV.stride(0), cols, targets_n1,

@@ -13,7 +13,7 @@ cores 44% less time than the plain route for the head and loss in fp32, 71% less
 autocast (forward and backward for N=4096, D=256, V=8192: fp32 326 → 183 ms, bf16 227 → 65 ms;
 ``benchmarks/head_loss.py``). Liger-Kernel's fused
 linear cross-entropy does the same on GPUs with Triton; this one is plain PyTorch and runs
-anywhere.
+anywhere, with the softmax work of each chunk in one Triton kernel on CUDA (``TRITON_SOFTMAX``).
 """
 
 import warnings
@@ -62,21 +62,18 @@ steps of the throughput benchmark 0.98-0.99 (gpt2, three runs), 0.97 (bert), 1.0
 1024 rows were no faster (0.97 head and loss, 1.00 a gpt2 step)."""
 
 
-COMPILED_SOFTMAX: set[str] = {"cuda"}
-"""Device types whose chunks do their softmax work through ``torch.compile`` (:func:`softmax_chunk`:
-one fused reduction and one pointwise pass over the low-precision logits, where the eager route
-widens them into an fp32 buffer and makes five passes over it). On an H100, one chunk of 5341 ×
-50304 bf16 logits: 4.9 ms eager, 1.2 compiled (1.8 with the rows dynamic); the whole loss as in
-``CHUNK_BYTES``, 20.4 ms with eager chunks against 8.8, and a llama-base training step 1.2 times
-as fast (``benchmarks/results/2026-11-27-h100.md``). Not CPUs: on two cores the eager blocks are
-faster (N=4096, D=256, V=8192, forward and backward: 186 against 204-214 ms fp32, 77 against
-85-107 ms bf16). Where the compiler fails (no Triton for the GPU, no C++ compiler), the loss
-warns once and goes on with the eager blocks."""
-
 TRITON_SOFTMAX = {"cuda"}
 """Device types whose chunks do their softmax work in one Triton kernel where Triton is installed
-(``kernels.triton_loss``: two reads and one write of the logits a chunk), before
-``COMPILED_SOFTMAX``'s route."""
+(``kernels.triton_loss``, to the spec of :func:`softmax_chunk`: two reads of the low-precision
+logits and one write, where the eager route widens them into an fp32 buffer and makes five passes
+over it). On an H100, one chunk of 5341 × 50304 bf16 logits: 4.55 ms eager, 0.86 through
+``torch.compile`` (a reduction and a pointwise kernel; 1.47 with the rows dynamic), 0.56 in the
+kernel; the whole loss as in ``CHUNK_BYTES``, 20.5 ms with eager chunks, 8.6 compiled, 8.1 in
+the kernel; a compiled llama-base training step 37.9 → 35.4 ms from the compiled chunks to the
+kernel (``benchmarks/results/2026-11-27-h100.md``). Not CPUs, where the eager blocks stay in
+cache and ``torch.compile`` of the chunk was slower (N=4096, D=256, V=8192, forward and backward:
+186 against 204-214 ms fp32, 77 against 85-107 ms bf16). Where the kernel fails to compile, the
+loss warns once and goes on with the eager blocks."""
 
 MIXED_ADDMM = {"cuda"}
 """Device types where a low-precision chunk adds its weight gradient straight into the fp32 sum
@@ -86,9 +83,9 @@ passes over the V×D gradient a chunk, and a rounding of each chunk's share to b
 loss of ``CHUNK_BYTES`` 8.8 ms against 9.4, 516 MiB against 737. PyTorch offers it on CUDA only,
 in recent versions; where it does not run, the widening route is taken."""
 
-_compiled = {"softmax_chunk": None, "failed": False, "mixed_addmm": {}}
-"""What this process has learnt: the compiled softmax chunk, whether compiling it failed, and by
-device type whether the mixed ``addmm`` runs."""
+_learnt = {"failed": False, "mixed_addmm": {}}
+"""What this process has learnt: whether the fused softmax chunk failed, and by device type
+whether the mixed ``addmm`` runs."""
 
 
 def linear_cross_entropy(
@@ -203,7 +200,7 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
             torch.mm(x_nD, w_VD.t(), out=logits_nV)
         else:
             torch.addmm(b_V, x_nD, w_VD.t(), out=logits_nV)
-        if fused_softmax is not None:  # the whole chunk in one compiled pass, gradient over the logits
+        if fused_softmax is not None:  # the whole chunk in one kernel, gradient over the logits
             try:
                 shifted_target_N1[start:stop], sum_exp_N1[start:stop] = fused_softmax(
                     logits_nV, safe_targets_N1[start:stop], row_weight_N1[start:stop] if any_grad else None
@@ -298,10 +295,10 @@ def softmax_block(
 def softmax_chunk(
     logits_nV: torch.Tensor, targets_n1: torch.Tensor, row_weight_n1: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`softmax_block`'s work on a whole chunk as one expression, for ``torch.compile`` to
-    fuse into a reduction and a pointwise pass over the logits in their own dtype (no fp32 copy):
-    returns (target's logit less the row's highest, row's sum of exp(logit - highest)) and, given
-    row weights, writes (softmax - one-hot) · weight over ``logits_nV``."""
+    """:func:`softmax_block`'s work on a whole chunk of logits, in their own dtype (no fp32 copy),
+    as one expression: the spec of ``kernels.triton_loss``. Returns (target's logit less the row's
+    highest, row's sum of exp(logit - highest)) and, given row weights, writes (softmax - one-hot)
+    · weight over ``logits_nV``."""
     logits = logits_nV.float()  # the same tensor when fp32: read it all before writing over it
     top = logits.amax(1, keepdim=True)
     shifted_target = logits.gather(1, targets_n1) - top
@@ -314,23 +311,18 @@ def softmax_chunk(
 
 def fused_softmax_chunk(device: str, softmax_dtype: torch.dtype):
     """What does the softmax work of whole chunks on ``device``, called as :func:`softmax_chunk`:
-    the Triton kernel (``TRITON_SOFTMAX``, fp32 softmax only), the compiled chunk
-    (``COMPILED_SOFTMAX``), or None for the eager blocks (elsewhere, or once either failed)."""
-    if _compiled["failed"]:
+    the Triton kernel (a device in ``TRITON_SOFTMAX``, Triton installed, an fp32 softmax), else
+    None for the eager blocks (and once the kernel failed in this process)."""
+    if _learnt["failed"] or device not in TRITON_SOFTMAX or softmax_dtype != torch.float32:
         return None
-    if device in TRITON_SOFTMAX and softmax_dtype == torch.float32:
-        from scratchlm.kernels import triton_loss  # imports Triton: only for the devices named
+    from scratchlm.kernels import triton_loss  # imports Triton: only for the devices named
 
-        if triton_loss.AVAILABLE:
-            return triton_loss.softmax_rows
-    if device in COMPILED_SOFTMAX:
-        return compiled_softmax_chunk()
-    return None
+    return triton_loss.softmax_rows if triton_loss.AVAILABLE else None
 
 
 def _give_up_fusing(device: str, error: Exception) -> None:
     """Records that the softmax chunks go on eagerly in this process, and warns once."""
-    _compiled["failed"] = True
+    _learnt["failed"] = True
     first_line = str(error).splitlines()[0] if str(error) else ""
     warnings.warn(
         f"the loss's fused softmax chunk failed on {device} ({type(error).__name__}: {first_line}); "
@@ -344,7 +336,7 @@ def _adds_mixed(device: str) -> bool:
     (tried once per device type on a 2×2 product, written over its own fp32 input)."""
     if device not in MIXED_ADDMM:
         return False
-    if device not in _compiled["mixed_addmm"]:
+    if device not in _learnt["mixed_addmm"]:
         total = torch.ones(2, 2, device=device)
         half = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
         try:
@@ -352,17 +344,8 @@ def _adds_mixed(device: str) -> bool:
             works = total.eq(3).all().item()
         except (RuntimeError, TypeError, NotImplementedError):  # no such overload, or not on this device
             works = False
-        _compiled["mixed_addmm"][device] = works
-    return _compiled["mixed_addmm"][device]
-
-
-def compiled_softmax_chunk():
-    """:func:`softmax_chunk` through ``torch.compile`` (built once). Shapes static at first, as
-    evened-out chunks of a fixed batch all have one; a second shape (a batch of another size, as
-    MLM's masked rows vary) compiles once more with the rows dynamic."""
-    if _compiled["softmax_chunk"] is None:
-        _compiled["softmax_chunk"] = torch.compile(softmax_chunk)
-    return _compiled["softmax_chunk"]
+        _learnt["mixed_addmm"][device] = works
+    return _learnt["mixed_addmm"][device]
 
 
 def vocab_cross_entropy(
