@@ -241,7 +241,9 @@ def test_the_fused_softmax_chunk_changes_nothing(bias, vocab_multiple, autocast,
 
 TRITON_CHECK = """
 import torch
+import torch.nn.functional as F
 from scratchlm.kernels import triton_loss
+from scratchlm.objectives import cross_entropy
 from scratchlm.objectives.cross_entropy import softmax_chunk
 
 generator = torch.Generator().manual_seed(0)
@@ -259,13 +261,29 @@ for dtype, atol in ((torch.float32, 1e-7), (torch.bfloat16, 1 / 256)):
         torch.testing.assert_close(result[1], want[1], rtol=1e-6, atol=0)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=atol)
     assert torch.equal(untouched, logits)
+
+# The whole loss through the kernel, in chunks that start at unaligned rows, against the plain route.
+cross_entropy.TRITON_SOFTMAX.add("cpu")
+assert cross_entropy.fused_softmax_chunk("cpu", torch.float32) is triton_loss.softmax_rows
+x = torch.randn(301, 32, generator=generator, requires_grad=True)
+w = (torch.randn(700, 32, generator=generator) * 0.1).requires_grad_()
+targets = torch.randint(700, (301,), generator=generator)
+targets[::5] = -100
+for vocab_multiple in (1, 64):
+    fused, _ = cross_entropy.linear_cross_entropy(x, w, None, targets, chunk_rows=97, vocab_multiple=vocab_multiple)
+    plain = F.cross_entropy(F.linear(x, w), targets)
+    torch.testing.assert_close(fused, plain)
+    for got, want in zip(torch.autograd.grad(fused, (x, w)), torch.autograd.grad(plain, (x, w))):
+        torch.testing.assert_close(got, want)
+assert not cross_entropy._learnt["failed"]
 print("ok")
 """
 
 
 def test_the_triton_softmax_kernel_matches_its_spec():
     """``kernels.triton_loss``'s kernel gives ``softmax_chunk``'s results and writes its gradient,
-    fp32 and bf16, over rows longer than a block and a padded vocabulary's -inf columns. Run by
+    fp32 and bf16, over rows longer than a block and a padded vocabulary's -inf columns; the
+    whole loss through it gives the plain route's loss and gradients. Run by
     Triton's interpreter on CPU, in a process of its own (the interpreter must be chosen before
     Triton is first imported); skipped where Triton is not installed, as with PyTorch's CPU builds."""
     pytest.importorskip("triton")
