@@ -150,9 +150,10 @@ def compare_chunk(rows: int, vocab: int, reps: int) -> None:
 
 
 def compare_loss_routes(features, weight, targets, reps: int) -> None:
-    """Our loss, forward and backward, by route: the softmax chunks in the Triton kernel or eager, the weight
-    gradient summed in fp32 by a mixed-precision ``addmm`` or widened chunk by chunk, and rows
-    per chunk (the first line is the route as it stands, the others change one thing each)."""
+    """Our loss, forward and backward, by route: the softmax chunks in the Triton kernel or eager,
+    the weight gradient summed in fp32 by a mixed-precision ``addmm`` or widened chunk by chunk,
+    and rows per chunk (the first line is the route as it stands, the others change one thing
+    each)."""
     from scratchlm.objectives import cross_entropy
 
     default_rows = default_chunk_rows("cuda", weight.shape[0], low_precision=True)

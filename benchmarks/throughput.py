@@ -441,8 +441,8 @@ def profile_steps(side: Side, dtype: str, rows: int) -> str:
     table = averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
     # The kernels' own rows, as the table's total counts them (an op's row repeats the time of the
     # kernels it launched, and a GPU-side annotation such as the optimizer step's spans its kernels).
-    kernel_us = sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
-    kernel_ms = kernel_us / 1000 / 2
+    kernels = [e for e in averages if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1000 / 2
     return f"{table}\nkernel_ms_per_step={kernel_ms:.2f} wall_ms_per_step={wall_ms:.2f} (profiled) busy={kernel_ms / wall_ms:.2f}"
 
 
