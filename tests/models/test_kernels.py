@@ -193,7 +193,7 @@ def test_gated_linear_matches_one_matmul_and_the_formula(route, activation, need
     grad_out = torch.randn(3, 5, 6, generator=generator)
     a, b = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
     y, y_ref = gated_linear(x, weight, activation), getattr(torch.nn.functional, activation)(a) * b
-    assert (y.grad_fn.backward_kernel is not None) == (route == "compiled")
+    assert (y.grad_fn.backward_kernels is not None) == (route == "compiled")
     torch.testing.assert_close(y, y_ref)
     inputs = [t for t in (x, weight) if t.requires_grad]
     for got, want in zip(
@@ -227,6 +227,38 @@ def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias, monkeypatch
         torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, inputs, grad_out), strict=True
     ):
         torch.testing.assert_close(got, want)
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("mlp", ["gelu_tanh", "swiglu"])
+def test_mlp_backward_writes_over_its_activation_only_where_the_graph_is_freed(mlp, monkeypatch):
+    """The compiled MLP routes write the activation's gradient over the pre-activation they saved
+    when the backward frees the graph, and into a fresh buffer when it is retained: a second
+    backward then still reads the pre-activation. Both give the reference gradients."""
+    from scratchlm.models import layers
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
+    answers = []
+    real = layers.frees_saved_tensors
+    monkeypatch.setattr(layers, "frees_saved_tensors", lambda: answers.append(real()) or answers[-1])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=generator, requires_grad=True)
+    weight = (0.5 * torch.randn(12, 8, generator=generator)).requires_grad_()
+    if mlp == "gelu_tanh":
+        bias = torch.randn(12, generator=generator, requires_grad=True)
+        inputs, grad_out = [x, weight, bias], torch.randn(3, 5, 12, generator=generator)
+        y = linear_gelu(x, weight, bias, "tanh")
+        y_ref = nn.functional.gelu(nn.functional.linear(x, weight, bias), approximate="tanh")
+    else:
+        inputs, grad_out = [x, weight], torch.randn(3, 5, 6, generator=generator)
+        y = gated_linear(x, weight, "silu")
+        a, b = nn.functional.linear(x, weight).chunk(2, dim=-1)
+        y_ref = nn.functional.silu(a) * b
+    want = torch.autograd.grad(y_ref, inputs, grad_out)
+    for retain in (True, True, False):
+        for got, expected in zip(torch.autograd.grad(y, inputs, grad_out, retain_graph=retain), want, strict=True):
+            torch.testing.assert_close(got, expected)
+    assert answers == [False, False, True]
 
 
 @needs_a_compiler

@@ -51,6 +51,21 @@ def test_equals_plain_cross_entropy(bias, chunk_rows):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_backward_with_the_graph_kept_or_freed_gives_the_same_gradients():
+    """Backward scales its stored gradients in place only where the graph is freed after:
+    backwards through a kept graph, at any scale, then the last one through it, all give the
+    plain route's gradients."""
+    args = inputs(bias=True)
+    leaves = list(args[:3])
+    loss = fused(8)(*args)
+    loss_ref = plain(*args)
+    for scale, keep in [(1.0, True), (2.0, True), (1.0, True), (1.0, False)]:
+        got = torch.autograd.grad(loss * scale if scale != 1.0 else loss, leaves, retain_graph=keep)
+        want = torch.autograd.grad(loss_ref * scale, leaves, retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_gradcheck_in_double():
     features, weight, bias_V, targets = inputs(bias=True, dtype=torch.float64)
     assert torch.autograd.gradcheck(

@@ -73,6 +73,12 @@ def bias_gelu_tanh_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Ten
     return (grad * (s + x * s * (1 - s) * (_TWO_C * (1 + 3 * _A * x * x)))).to(grad.dtype)
 
 
+def bias_gelu_tanh_backward_(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> None:
+    """:func:`bias_gelu_tanh_backward` written over ``h`` (same dtype as ``grad``): each value of
+    ``h`` is read once, then replaced by its gradient, in the same loop."""
+    h.copy_(bias_gelu_tanh_backward(grad, h, bias))
+
+
 def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``(x1·cos − x2·sin, x2·cos + x1·sin)`` on the halves of the last dimension, in fp32; cos
     and sin hold each frequency twice (``layers.rope_cos_sin``), so their first halves suffice."""
@@ -121,6 +127,14 @@ def gated_backward(
         cdf = 0.5 * (1 + torch.erf(a32 * (1 / math.sqrt(2))))
         act, slope = a32 * cdf, cdf + a32 * torch.exp(-0.5 * a32 * a32) * (1 / math.sqrt(2 * math.pi))
     return (g * b32 * slope).to(grad.dtype), (g * act).to(grad.dtype)
+
+
+def gated_backward_(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str) -> None:
+    """:func:`gated_backward` written over ``a`` and ``b`` (two tensors, in ``grad``'s dtype):
+    each pair of values is read once, then replaced by its pair of gradients."""
+    grad_a, grad_b = gated_backward(grad, a, b, activation)
+    a.copy_(grad_a)
+    b.copy_(grad_b)
 
 
 def gated_backward_joined(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: str) -> torch.Tensor:
@@ -202,7 +216,8 @@ def applies(elements: int, device: torch.device, *dtypes: torch.dtype) -> bool:
 def bias_gelu_tanh_kernels(
     rows: int, width: int, dtype: torch.dtype, device: torch.device, pre_activation: torch.Tensor | None = None
 ) -> tuple[Callable, Callable] | None:
-    """(:func:`bias_gelu_tanh_forward`, :func:`bias_gelu_tanh_backward`) for pre-activations
+    """(:func:`bias_gelu_tanh_forward`, :func:`bias_gelu_tanh_backward`,
+    :func:`bias_gelu_tanh_backward_`) for pre-activations
     (rows, width) of ``dtype`` on ``device`` and an fp32 bias (width,); None where they do not
     apply. The pre-activation is a matmul's contiguous output, or ``pre_activation`` (…, width)
     in ``dtype`` or cast to it, whose layout the kernels are then compiled for (T5's gate is a
@@ -216,14 +231,17 @@ def bias_gelu_tanh_kernels(
             return torch.zeros(rows, width, dtype=dtype, device=device)
         return pre_activation.to(dtype).reshape(-1, width)
 
-    def warm_up(forward, backward):
+    def warm_up(forward, backward, backward_):
         h = dynamic_leading(sample())
-        backward(dynamic_leading(forward(h, bias)), h, bias)
+        grad = dynamic_leading(forward(h, bias))
+        backward(grad, h, bias)
+        backward_(grad, dynamic_leading(h.clone()), bias)
 
     strided = pre_activation is not None and pre_activation.dtype == dtype
     row_stride = pre_activation.reshape(-1, width).stride(0) if strided else width
     key = ("gelu_tanh", torch.device(device).type, dtype, width, row_stride)
-    return kernels("GELU-tanh", (bias_gelu_tanh_forward, bias_gelu_tanh_backward), key, warm_up)
+    functions = (bias_gelu_tanh_forward, bias_gelu_tanh_backward, bias_gelu_tanh_backward_)
+    return kernels("GELU-tanh", functions, key, warm_up)
 
 
 def rotary_kernels(qk: torch.Tensor, cos: torch.Tensor, heads: list[int]) -> tuple[Callable, Callable] | None:
@@ -251,21 +269,28 @@ def rotary_kernels(qk: torch.Tensor, cos: torch.Tensor, heads: list[int]) -> tup
     return kernels("rotary", (rotary_forward, rotary_split_backward), key, warm_up)
 
 
-def gated_kernels(a: torch.Tensor, b: torch.Tensor, activation: str) -> tuple[Callable, Callable] | None:
-    """(:func:`gated_forward`, a backward) for ``act(a)·b`` with ``a`` and ``b`` (rows, F) either
-    two contiguous tensors, whose gradients come back as two (:func:`gated_backward`: the
-    matmuls after it read contiguous rows; forward and backward of the throughput benchmark's
-    SwiGLU input projection, interleaved: 34.4 ms against 35.3 through one joined gradient and
-    36.2 eager), or the halves of one (rows, 2F), whose gradient comes back as one
-    (:func:`gated_backward_joined`); None where they do not apply."""
+def gated_kernels(
+    a: torch.Tensor, b: torch.Tensor, activation: str
+) -> tuple[Callable, Callable, Callable | None] | None:
+    """(:func:`gated_forward`, a backward, the backward written over ``a`` and ``b`` or None) for
+    ``act(a)·b`` with ``a`` and ``b`` (rows, F) either two contiguous tensors, whose gradients
+    come back as two (:func:`gated_backward`: the matmuls after it read contiguous rows; forward
+    and backward of the throughput benchmark's SwiGLU input projection, interleaved: 34.4 ms
+    against 35.3 through one joined gradient and 36.2 eager) or in their place
+    (:func:`gated_backward_`), or the halves of one (rows, 2F), whose gradient comes back as one
+    (:func:`gated_backward_joined`; no version in place); None where they do not apply."""
     if not applies(a.numel(), a.device, a.dtype, b.dtype):
         return None
     joined = a.stride(0) != a.shape[-1]
-    backward_function = gated_backward_joined if joined else gated_backward
+    functions = (gated_forward, gated_backward_joined) if joined else (gated_forward, gated_backward, gated_backward_)
 
-    def warm_up(forward, backward):
+    def warm_up(forward, backward, backward_=None):
         a_, b_ = dynamic_leading(a), dynamic_leading(b)
-        backward(dynamic_leading(forward(a_, b_, activation)), a_, b_, activation)
+        grad = dynamic_leading(forward(a_, b_, activation))
+        backward(grad, a_, b_, activation)
+        if backward_ is not None:
+            backward_(grad, dynamic_leading(a.clone()), dynamic_leading(b.clone()), activation)
 
     key = ("gated", activation, a.device.type, a.dtype, a.shape[-1], joined)
-    return kernels(f"gated {activation}", (gated_forward, backward_function), key, warm_up)
+    compiled = kernels(f"gated {activation}", functions, key, warm_up)
+    return (*compiled, None) if compiled is not None and joined else compiled

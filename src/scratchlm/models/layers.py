@@ -536,16 +536,28 @@ def _bias_gelu_tanh_route(
     return None if kernels is None else (kernels, dtype)
 
 
+def frees_saved_tensors() -> bool:
+    """Inside a backward: whether the graph's saved tensors are freed after it (``backward()``
+    without ``retain_graph``), so that a backward may write its gradient over an activation it
+    alone saved (one fresh buffer fewer: a 16 MB MLP activation of the throughput benchmark,
+    whose fresh pages the kernel zero-fills when the allocator has handed them back). False
+    where PyTorch does not tell (the query is the one its own compiled backward asks)."""
+    keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keeps_graph is not None and not keeps_graph()
+
+
 class _LinearBiasGeluTanh(torch.autograd.Function):
     """``gelu_tanh(x @ weight.T + bias)``, or ``gelu_tanh(x + bias)`` without a weight; ``x`` and
-    ``weight`` in one dtype (fp32 or bf16), ``bias`` fp32."""
+    ``weight`` in one dtype (fp32 or bf16), ``bias`` fp32. With a weight the pre-activation is
+    this function's own, and backward writes its gradient over it where the graph is freed
+    after (:func:`frees_saved_tensors`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, kernels):
         x_ND = x.reshape(-1, x.shape[-1])
         h_NF = x_ND if weight is None else torch.mm(x_ND, weight.t())
         ctx.save_for_backward(x_ND, weight, h_NF, bias)
-        ctx.backward_kernel = kernels[1]
+        ctx.backward_kernels = kernels[1:]
         y_NF = kernels[0](h_NF, bias)
         return y_NF.view(*x.shape[:-1], h_NF.shape[-1])
 
@@ -553,7 +565,12 @@ class _LinearBiasGeluTanh(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x_ND, weight, h_NF, bias = ctx.saved_tensors
-        grad_h_NF = ctx.backward_kernel(grad_y.reshape(h_NF.shape).to(h_NF.dtype), h_NF, bias)
+        grad_NF = grad_y.reshape(h_NF.shape).to(h_NF.dtype)
+        if weight is not None and frees_saved_tensors():
+            ctx.backward_kernels[1](grad_NF, h_NF, bias)
+            grad_h_NF = h_NF
+        else:
+            grad_h_NF = ctx.backward_kernels[0](grad_NF, h_NF, bias)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x_ND = grad_h_NF if weight is None else torch.mm(grad_h_NF, weight)
@@ -656,11 +673,11 @@ class _GatedLinear(torch.autograd.Function):
         a, b = torch.mm(x_ND, weight_a.t()), torch.mm(x_ND, weight_b.t())
         ctx.activation = activation
         if (kernels := compiled.gated_kernels(a, b, activation)) is not None:
-            ctx.backward_kernel = kernels[1]
+            ctx.backward_kernels = kernels[1:]
             ctx.save_for_backward(x_ND, weight, a, b)
             y = kernels[0](a, b, activation)
         else:
-            ctx.backward_kernel = None
+            ctx.backward_kernels = None
             act_a = GATE_ACTIVATIONS[activation](a)
             ctx.save_for_backward(x_ND, weight, a, b, act_a)
             y = act_a * b
@@ -668,13 +685,17 @@ class _GatedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        """grad_a = act'(a)·(grad_y·b), grad_b = grad_y·act(a); then the matmuls' gradients, each
-        half of the weight's gradient written in its place."""
+        """grad_a = act'(a)·(grad_y·b), grad_b = grad_y·act(a) (written over ``a`` and ``b``, this
+        function's own, where the graph is freed after: :func:`frees_saved_tensors`); then the
+        matmuls' gradients, each half of the weight's gradient written in its place."""
         x_ND, weight, a, b, *act = ctx.saved_tensors
         weight_a, weight_b = weight.chunk(2)
         grad_NF = grad_y.reshape(-1, b.shape[-1])
-        if ctx.backward_kernel is not None:
-            grad_a, grad_b = ctx.backward_kernel(grad_NF, a, b, ctx.activation)
+        if ctx.backward_kernels is not None and frees_saved_tensors():
+            ctx.backward_kernels[1](grad_NF, a, b, ctx.activation)
+            grad_a, grad_b = a, b
+        elif ctx.backward_kernels is not None:
+            grad_a, grad_b = ctx.backward_kernels[0](grad_NF, a, b, ctx.activation)
         else:
             grad_b = grad_NF * act[0]
             grad_a = torch.mul(grad_NF, b)
@@ -886,7 +907,7 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.causal = causal
         self.attn_dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.qkv = HeadsLinear(d_model, [n_heads] * 3, d_model // n_heads)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = Dropout(dropout)
 
@@ -901,8 +922,7 @@ class SelfAttention(nn.Module):
         if queries is not None:
             return self.forward_at(x_BTD, mask, queries)
         B, T, D = x_BTD.shape
-        H = self.n_heads
-        q_BHTK, k_BHTK, v_BHTK = split_heads(self.qkv(x_BTD).view(B, T, 3 * H, D // H), H)
+        q_BHTK, k_BHTK, v_BHTK = self.qkv(x_BTD)
         dropout_p = self.attn_dropout if self.training else 0.0
         y_BHTK = attend(q_BHTK, k_BHTK, v_BHTK, mask, dropout_p=dropout_p, causal=self.causal)
         y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, D)  # (B, T, H, K) -> (B, T, D)
@@ -916,7 +936,7 @@ class SelfAttention(nn.Module):
         w_q, w_kv = self.qkv.weight.split([D, 2 * D])
         b_q, b_kv = self.qkv.bias.split([D, 2 * D])
         q_BHQK = F.linear(gather_positions(x_BTD, queries_BQ), w_q, b_q).view(B, Q, H, D // H).transpose(1, 2)
-        k_BHTK, v_BHTK = split_heads(F.linear(x_BTD, w_kv, b_kv).view(B, T, 2 * H, D // H), H)
+        k_BHTK, v_BHTK = project_heads(x_BTD, w_kv, b_kv, [H, H], D // H)
         dropout_p = self.attn_dropout if self.training else 0.0
         y_BHQK = attend(q_BHQK, k_BHTK, v_BHTK, mask_rows(mask, queries_BQ), dropout_p=dropout_p, causal=False)
         return self.resid_dropout(self.proj(y_BHQK.transpose(1, 2).reshape(B, Q, D)))
@@ -932,6 +952,87 @@ def split_heads(packed_BTNK: torch.Tensor, heads: int | list[int]) -> tuple[torc
     step of the throughput benchmark's 4-layer models on two cores: llama 19.8 -> 14.9 ms, gpt2
     25.6 -> 24.4 ms)."""
     return tuple(part.transpose(1, 2) for part in packed_BTNK.split(heads, dim=2))
+
+
+def project_heads(
+    x_BTD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: list[int], head_dim: int
+) -> tuple[torch.Tensor, ...]:
+    """``split_heads(F.linear(x, weight, bias).view(B, T, N, head_dim), heads)``: a fused
+    projection's heads, as views (B, n, T, K).
+
+    On CPU in fp32 (eager) the backward takes each view's gradient as the attention's backward
+    gives it and sums the parts' matmuls (the input's gradient accumulated in place, each part of
+    the weight's written in its place), where autograd first concatenates the gradients into one
+    (B, T, N, K) copy: 12 MB a layer of the throughput benchmark's GPT-2, whose projection
+    backward took 16.4 ms against 17.0 (medians of 30 alternating rounds, inputs from memory)."""
+    if not _cpu_fp32_eager(x_BTD, weight, *([] if bias is None else [bias])) or torch.is_autocast_enabled("cpu"):
+        B, T, _ = x_BTD.shape
+        return split_heads(F.linear(x_BTD, weight, bias).view(B, T, -1, head_dim), heads)
+    return _HeadsProjection.apply(x_BTD, weight, bias, heads, head_dim)
+
+
+class HeadsLinear(nn.Linear):
+    """``nn.Linear(in_features, sum(heads) · head_dim)`` (the state dict keeps ``weight`` and
+    ``bias``) whose forward returns its output as heads, :func:`project_heads`; a module, so that
+    hooks on it see it run."""
+
+    def __init__(self, in_features: int, heads: list[int], head_dim: int, bias: bool = True) -> None:
+        super().__init__(in_features, sum(heads) * head_dim, bias=bias)
+        self.heads, self.head_dim = list(heads), head_dim
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return project_heads(x_BTD, self.weight, self.bias, self.heads, self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, heads={self.heads}, head_dim={self.head_dim}"
+
+
+class _HeadsProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BTD, weight, bias, heads, head_dim):
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        packed_ND = torch.mm(x_ND, weight.t()) if bias is None else torch.addmm(bias, x_ND, weight.t())
+        ctx.save_for_backward(x_ND, weight)
+        ctx.x_shape = x_BTD.shape
+        ctx.rows = [n * head_dim for n in heads]
+        ctx.has_bias = bias is not None
+        return split_heads(packed_ND.view(B, T, -1, head_dim), heads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads_BnTK):
+        x_ND, weight = ctx.saved_tensors
+        N = x_ND.shape[0]
+        # Each view's gradient (B, n, T, K) as (B·T, n·K) rows, with its part of the weight: a
+        # view where the gradient is laid out as (B, T, n, K), as PyTorch's fused CPU attention
+        # gives it; a copy otherwise. A part without a gradient (None) adds nothing.
+        parts = [
+            (None if grad is None else grad.transpose(1, 2).reshape(N, rows), weight_part)
+            for grad, weight_part, rows in zip(grads_BnTK, weight.split(ctx.rows), ctx.rows, strict=True)
+        ]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x_ND = None
+            for grad_N, weight_part in parts:
+                if grad_N is not None:
+                    grad_x_ND = torch.mm(grad_N, weight_part) if grad_x_ND is None else grad_x_ND.addmm_(grad_N, weight_part)
+            grad_x = (torch.zeros_like(x_ND) if grad_x_ND is None else grad_x_ND).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)
+            for (grad_N, _), grad_part in zip(parts, grad_weight.split(ctx.rows), strict=True):
+                if grad_N is None:
+                    grad_part.zero_()
+                else:
+                    torch.mm(grad_N.t(), x_ND, out=grad_part)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = weight.new_empty(weight.shape[0])
+            for (grad_N, _), grad_part in zip(parts, grad_bias.split(ctx.rows), strict=True):
+                if grad_N is None:
+                    grad_part.zero_()
+                else:
+                    torch.sum(grad_N, 0, out=grad_part)
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def gather_positions(x_BTD: torch.Tensor, positions_BQ: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from scratchlm.models.layers import frees_saved_tensors
 from scratchlm.objectives.batch import IGNORE_INDEX
 
 CHUNK_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}
@@ -138,7 +139,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy):
-        grads = [g * grad_loss.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        """The stored gradients times the incoming one: scaled in place where the graph is freed
+        after (nothing else reads them: no fresh buffers, 12 MB a step in the throughput
+        benchmark's GPT-2), else into new tensors."""
+        in_place = frees_saved_tensors()
+        grads = [
+            None if not has else g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)
+            for g, has in zip(ctx.saved_tensors, ctx.has_grad)
+        ]
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
