@@ -61,7 +61,8 @@ MFU (model FLOPs utilisation)
 -----------------------------
 ``mfu = scratchlm_tok_s · flops_per_token / peak``, where ``peak`` is the best FLOP/s of a large
 square matmul (``--peak-size``, 2048 by default on CPU, 8192 on a GPU) timed by this script on this
-machine, in the case's dtype, with the same threads, at start. On a GPU with a known data sheet,
+machine, in the case's dtype, with the same threads, at start and again after each case (the best
+so far is the case's; the ``# page_faults_per_step`` line shows it). On a GPU with a known data sheet,
 bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16 figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
 with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
 
@@ -625,11 +626,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
                   f"head_share={scored:.3f} params={params} load={load_average()}", flush=True)
             ours_rate, hf_rate, faults, round_ratios = compare(ours, hf, dtype, args, args.batch * args.seq)
+            # The peak again after each case, the best kept: a machine slowed while the start's
+            # timings ran (a busy neighbour) would otherwise lower the peak and inflate the MFU.
+            peaks[dtype] = max(peaks[dtype], matmul_peak(PEAK_DTYPES[dtype], args.peak_size, device=args.device))
             model_flops = ours_rate * flops_per_token(ours.model, args.seq, scored)
             print(case_line(family, dtype, args.seq, ours_rate, hf_rate, model_flops / peaks[dtype]), flush=True)
             print(f"# round_ratios median={statistics.median(round_ratios):.3f} min={min(round_ratios):.3f} "
                   f"max={max(round_ratios):.3f}", flush=True)
-            print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]}", flush=True)
+            print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]} "
+                  f"peak_{dtype}_gflop_s={peaks[dtype] / 1e9:.1f} (best so far, the MFU's)", flush=True)
             if spec is not None and dtype == "bf16":
                 print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "
                       f"data-sheet figure for {spec[0]})", flush=True)
