@@ -61,8 +61,10 @@ MFU (model FLOPs utilisation)
 -----------------------------
 ``mfu = scratchlm_tok_s · flops_per_token / peak``, where ``peak`` is the best FLOP/s of a large
 square matmul (``--peak-size``, 2048 by default on CPU, 8192 on a GPU) timed by this script on this
-machine, in the case's dtype, with the same threads, at start and again after each case (the best
-so far is the case's; the ``# page_faults_per_step`` line shows it). On a GPU with a known data sheet,
+machine, in the case's dtype, with the same threads: at start for the header, and (best of two)
+just before each of our timed rounds, the MFU being the median over rounds of each round's
+FLOP/s over its own peak (on a shared machine whose speed moves from second to second, a peak
+timed once at start made MFUs above 1 when that moment was slow). On a GPU with a known data sheet,
 bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16 figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
 with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
 
@@ -87,6 +89,7 @@ import argparse
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+import functools
 import os
 import platform
 import statistics
@@ -324,29 +327,39 @@ def first_losses(ours: Side, hf: Side, dtype: str) -> tuple[float, float]:
 
 
 def compare(
-    ours: Side, hf: Side, dtype: str, args, tokens_per_step: int
-) -> tuple[float, float, tuple[int, int], list[float]]:
+    ours: Side, hf: Side, dtype: str, args, tokens_per_step: int, peak: Callable[[], float]
+) -> tuple[float, float, tuple[int, int], list[float], float]:
     """Median tokens/s of (ours, HF): warm-up steps for each, then ``args.rounds`` rounds of
     ``args.steps`` steps, the order alternating (AB, BA, ...) so that neither side always runs in
     the other's wake (caches, turbo, a neighbour's load). Also each side's minor page faults per
     timed step: memory the OS had to hand out afresh (zero-filled on first touch), a cost on
-    CPU that tokens/s include; and each round's ratio (ours over HF, the two sides' rounds run
-    back to back), whose spread shows how much the machine's speed moved during the case."""
+    CPU that tokens/s include; each round's ratio (ours over HF, the two sides' rounds run
+    back to back), whose spread shows how much the machine's speed moved during the case; and
+    the median over rounds of our tokens/s over the matmul peak that ``peak()`` times just before
+    each of our rounds (FLOP/s, for the MFU: on a machine whose speed moves, the peak of another
+    moment would make the ratio of two moments)."""
     for _ in range(args.warmup):
         train_step(ours, dtype)
         train_step(hf, dtype)
-    ours_rates, hf_rates = [], []
+    ours_rates, hf_rates, per_peak = [], [], []
     faults = {id(ours): 0, id(hf): 0}
     for round_index in range(args.rounds):
         order = [(ours, ours_rates), (hf, hf_rates)]
         for side, rates in order if round_index % 2 == 0 else reversed(order):
+            if side is ours:
+                round_peak = peak()
             before = minor_faults()
             rates.append(timed_round(side, dtype, args.steps, tokens_per_step))
             faults[id(side)] += minor_faults() - before
+            if side is ours:
+                per_peak.append(rates[-1] / round_peak)
     steps = args.rounds * args.steps
     per_step = (faults[id(ours)] // steps, faults[id(hf)] // steps)
     round_ratios = [a / b for a, b in zip(ours_rates, hf_rates, strict=True)]
-    return statistics.median(ours_rates), statistics.median(hf_rates), per_step, round_ratios
+    return (
+        statistics.median(ours_rates), statistics.median(hf_rates), per_step, round_ratios,
+        statistics.median(per_peak),
+    )
 
 
 def minor_faults() -> int:
@@ -625,16 +638,16 @@ def main(argv: list[str] | None = None) -> None:
             params = sum(p.numel() for p in ours.model.parameters())
             print(f"# check family={family} dtype={dtype} loss_scratchlm={loss_ours:.5f} loss_hf={loss_hf:.5f} "
                   f"head_share={scored:.3f} params={params} load={load_average()}", flush=True)
-            ours_rate, hf_rate, faults, round_ratios = compare(ours, hf, dtype, args, args.batch * args.seq)
-            # The peak again after each case, the best kept: a machine slowed while the start's
-            # timings ran (a busy neighbour) would otherwise lower the peak and inflate the MFU.
-            peaks[dtype] = max(peaks[dtype], matmul_peak(PEAK_DTYPES[dtype], args.peak_size, device=args.device))
-            model_flops = ours_rate * flops_per_token(ours.model, args.seq, scored)
-            print(case_line(family, dtype, args.seq, ours_rate, hf_rate, model_flops / peaks[dtype]), flush=True)
+            peak = functools.partial(matmul_peak, PEAK_DTYPES[dtype], args.peak_size, repeats=2, device=args.device)
+            ours_rate, hf_rate, faults, round_ratios, tokens_per_peak = compare(
+                ours, hf, dtype, args, args.batch * args.seq, peak
+            )
+            token_flops = flops_per_token(ours.model, args.seq, scored)
+            model_flops = ours_rate * token_flops
+            print(case_line(family, dtype, args.seq, ours_rate, hf_rate, tokens_per_peak * token_flops), flush=True)
             print(f"# round_ratios median={statistics.median(round_ratios):.3f} min={min(round_ratios):.3f} "
                   f"max={max(round_ratios):.3f}", flush=True)
-            print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]} "
-                  f"peak_{dtype}_gflop_s={peaks[dtype] / 1e9:.1f} (best so far, the MFU's)", flush=True)
+            print(f"# page_faults_per_step scratchlm={faults[0]} hf={faults[1]}", flush=True)
             if spec is not None and dtype == "bf16":
                 print(f"# mfu_spec={model_flops / spec[1]:.3f} (of {spec[1] / 1e12:.1f} TFLOP/s, the dense bf16 "
                       f"data-sheet figure for {spec[0]})", flush=True)
