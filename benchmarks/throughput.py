@@ -62,8 +62,8 @@ MFU (model FLOPs utilisation)
 ``mfu = scratchlm_tok_s · flops_per_token / peak``, where ``peak`` is the best FLOP/s of a large
 square matmul (``--peak-size``, 2048 by default on CPU, 8192 on a GPU) timed by this script on this
 machine, in the case's dtype, with the same threads: at start for the header, and (best of two)
-just before each of our timed rounds, the MFU being the median over rounds of each round's
-FLOP/s over its own peak (on a shared machine whose speed moves from second to second, a peak
+at the start of each round, before either side's steps, the MFU being the median over rounds of
+our FLOP/s in the round over its peak (on a shared machine whose speed moves from second to second, a peak
 timed once at start made MFUs above 1 when that moment was slow). On a GPU with a known data sheet,
 bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16 figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
 with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
@@ -335,8 +335,8 @@ def compare(
     timed step: memory the OS had to hand out afresh (zero-filled on first touch), a cost on
     CPU that tokens/s include; each round's ratio (ours over HF, the two sides' rounds run
     back to back), whose spread shows how much the machine's speed moved during the case; and
-    the median over rounds of our tokens/s over the matmul peak that ``peak()`` times just before
-    each of our rounds (FLOP/s, for the MFU: on a machine whose speed moves, the peak of another
+    the median over rounds of our tokens/s over the matmul peak that ``peak()`` times at the
+    start of each round (FLOP/s, for the MFU: on a machine whose speed moves, the peak of another
     moment would make the ratio of two moments)."""
     for _ in range(args.warmup):
         train_step(ours, dtype)
@@ -344,15 +344,13 @@ def compare(
     ours_rates, hf_rates, per_peak = [], [], []
     faults = {id(ours): 0, id(hf): 0}
     for round_index in range(args.rounds):
+        round_peak = peak()  # before both sides' rounds, whichever goes first (the order alternates)
         order = [(ours, ours_rates), (hf, hf_rates)]
         for side, rates in order if round_index % 2 == 0 else reversed(order):
-            if side is ours:
-                round_peak = peak()
             before = minor_faults()
             rates.append(timed_round(side, dtype, args.steps, tokens_per_step))
             faults[id(side)] += minor_faults() - before
-            if side is ours:
-                per_peak.append(rates[-1] / round_peak)
+        per_peak.append(ours_rates[-1] / round_peak)
     steps = args.rounds * args.steps
     per_step = (faults[id(ours)] // steps, faults[id(hf)] // steps)
     round_ratios = [a / b for a, b in zip(ours_rates, hf_rates, strict=True)]

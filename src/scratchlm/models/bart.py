@@ -20,6 +20,7 @@ from torch import nn
 from scratchlm.models.layers import (
     MLP,
     Dropout,
+    HeadsLinear,
     PostNormEncoderBlock,
     SelfAttention,
     build_attention_mask,
@@ -29,7 +30,6 @@ from scratchlm.models.layers import (
     count_params,
     init_normal,
     sdpa,
-    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -97,16 +97,16 @@ class CrossAttention(nn.Module):
         self.n_heads = n_heads
         self.attn_dropout = dropout
         self.q = nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.kv = HeadsLinear(d_model, [n_heads] * 2, d_model // n_heads)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = Dropout(dropout)
 
     def forward(self, x_BTD: torch.Tensor, memory_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, T, D) queries, memory (B, S, D) encoder output, mask (B, 1, 1, S) bool -> (B, T, D)."""
         B, T, D = x_BTD.shape
-        S, H = memory_BSD.shape[1], self.n_heads
+        H = self.n_heads
         q_BHTK = self.q(x_BTD).view(B, T, H, D // H).transpose(1, 2)
-        k_BHSK, v_BHSK = split_heads(self.kv(memory_BSD).view(B, S, 2 * H, D // H), H)
+        k_BHSK, v_BHSK = self.kv(memory_BSD)
         y_BHTK = sdpa(
             q_BHTK, k_BHSK, v_BHSK, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )

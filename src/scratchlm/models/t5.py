@@ -22,6 +22,7 @@ from torch import nn
 from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     Dropout,
+    HeadsLinear,
     build_attention_mask,
     check_length,
     check_positive_int,
@@ -29,7 +30,6 @@ from scratchlm.models.layers import (
     count_params,
     gelu,
     sdpa,
-    split_heads,
 )
 
 # --- config --------------------------------------------------------------------------------------
@@ -183,13 +183,12 @@ class T5SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.attn_dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.qkv = HeadsLinear(config.d_model, [config.n_heads] * 3, config.d_model // config.n_heads, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        H = self.n_heads
-        q_BHTK, k_BHTK, v_BHTK = split_heads(self.qkv(x_BTD).view(B, T, 3 * H, D // H), H)
+        q_BHTK, k_BHTK, v_BHTK = self.qkv(x_BTD)
         dropout = self.attn_dropout if self.training else 0.0
         y_BHTK = attend(q_BHTK, k_BHTK, v_BHTK, mask.to(q_BHTK.dtype), dropout)
         return self.proj(y_BHTK.transpose(1, 2).reshape(B, T, D))  # (B, T, H, K) -> (B, T, D)
@@ -207,16 +206,15 @@ class T5CrossAttention(nn.Module):
         self.n_heads = config.n_heads
         self.attn_dropout = config.dropout
         self.q = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.kv = nn.Linear(config.d_model, 2 * config.d_model, bias=False)
+        self.kv = HeadsLinear(config.d_model, [config.n_heads] * 2, config.d_model // config.n_heads, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, encoder_BSD: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, D), encoder output (B, S, D), mask (B, 1, 1, S) bool, True at real encoder tokens."""
         B, T, D = x_BTD.shape
-        S = encoder_BSD.shape[1]
         H = self.n_heads
         q_BHTK = self.q(x_BTD).view(B, T, H, D // H).transpose(1, 2)
-        k_BHSK, v_BHSK = split_heads(self.kv(encoder_BSD).view(B, S, 2 * H, D // H), H)
+        k_BHSK, v_BHSK = self.kv(encoder_BSD)
         dropout = self.attn_dropout if self.training else 0.0
         y_BHTK = attend(q_BHTK, k_BHSK, v_BHSK, mask, dropout)
         return self.proj(y_BHTK.transpose(1, 2).reshape(B, T, D))
