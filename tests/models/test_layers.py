@@ -1,6 +1,16 @@
+import pytest
 import torch
 
-from scratchlm.models.layers import MLP, SelfAttention, build_attention_mask
+from scratchlm.models.layers import (
+    MLP,
+    Dropout,
+    ResidualLinear,
+    SelfAttention,
+    build_attention_mask,
+    project_heads,
+    project_out,
+    split_heads,
+)
 
 
 def test_no_mask_inputs_mean_no_mask():
@@ -77,3 +87,57 @@ def test_mlp_gelu_flavours_differ():
     x = torch.randn(3, 4) * 3
     assert not torch.equal(exact(x), tanh(x))
     torch.testing.assert_close(exact(x), tanh(x), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("heads", [[2, 2, 2], [2, 1, 1], [2, 2]])
+def test_projected_heads_and_every_gradient_match_linear_then_split(bias, heads):
+    """``project_heads`` (its own backward on CPU in fp32) against ``split_heads(F.linear(...))``:
+    the views, and the gradients of input, weight and bias whichever of the views get one."""
+    generator = torch.Generator().manual_seed(0)
+    B, T, D, K = 2, 5, 8, 4
+    x = torch.randn(B, T, D, generator=generator, requires_grad=True)
+    weight = torch.randn(sum(heads) * K, D, generator=generator, requires_grad=True)
+    bias_N = torch.randn(sum(heads) * K, generator=generator, requires_grad=True) if bias else None
+    leaves = [t for t in (x, weight, bias_N) if t is not None]
+    got = project_heads(x, weight, bias_N, heads, K)
+    want = split_heads(torch.nn.functional.linear(x, weight, bias_N).view(B, T, -1, K), heads)
+    assert type(got[0].grad_fn).__name__ == "_HeadsProjectionBackward"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    grads_out = [torch.randn(w.shape, generator=generator) for w in want]
+    for used in [range(len(heads)), [len(heads) - 1], [0]]:
+        mine = torch.autograd.grad([got[i] for i in used], leaves, [grads_out[i] for i in used], retain_graph=True)
+        theirs = torch.autograd.grad([want[i] for i in used], leaves, [grads_out[i] for i in used], retain_graph=True)
+        for g, w in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("route", ["fused", "dropout", "autocast"])
+def test_a_projection_into_the_residual_is_residual_plus_projection(bias, route):
+    """``project_out``: the residual summed inside the matmul (no dropout in effect), or the plain
+    ``residual + dropout(proj(y))`` (dropout training, autocast): values and gradients as the
+    plain sum (the same dropout mask drawn from the same seed)."""
+    generator = torch.Generator().manual_seed(0)
+    proj = ResidualLinear(6, 4, bias=bias)
+    dropout = Dropout(0.5 if route == "dropout" else 0.0)
+    y = torch.randn(2, 3, 6, generator=generator, requires_grad=True)
+    residual = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
+    leaves = [y, residual, *proj.parameters()]
+    grad_out = torch.randn(2, 3, 4, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "autocast"):
+        torch.manual_seed(1)
+        got = project_out(proj, dropout, y, residual)
+        torch.manual_seed(1)
+        want = residual + dropout(torch.nn.functional.linear(y, proj.weight, proj.bias))
+    # Fused, the residual enters the graph through the addmm: first inputs from the result down.
+    chain, node = [], got.grad_fn
+    while node is not None and len(chain) < 4:
+        chain.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert ("AddmmBackward0" in chain) == (route == "fused"), chain
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves, grad_out), torch.autograd.grad(want, leaves, grad_out), strict=True):
+        torch.testing.assert_close(g, w)

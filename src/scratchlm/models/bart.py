@@ -134,9 +134,9 @@ class DecoderBlock(nn.Module):
         memory_BSD: torch.Tensor,
         cross_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x_BTD = self.attn_norm(x_BTD + self.attn(x_BTD, self_mask))
+        x_BTD = self.attn_norm(self.attn(x_BTD, self_mask, residual=x_BTD))
         x_BTD = self.cross_norm(x_BTD + self.cross_attn(x_BTD, memory_BSD, cross_mask))
-        return self.mlp_norm(x_BTD + self.mlp(x_BTD))
+        return self.mlp_norm(self.mlp(x_BTD, residual=x_BTD))
 
 
 # --- model ---------------------------------------------------------------------------------------

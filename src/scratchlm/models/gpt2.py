@@ -66,8 +66,8 @@ class GPT2Block(nn.Module):
         self.mlp = MLP(config.d_model, config.d_ff, config.dropout, gelu="tanh")
 
     def forward(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), mask)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = self.attn(self.attn_norm(x_BTD), mask, residual=x_BTD)
+        return self.mlp(self.mlp_norm(x_BTD), residual=x_BTD)
 
 
 # --- model ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     GatedLinear,
     RMSNorm,
+    ResidualLinear,
     attend,
     build_attention_mask,
     check_length,
@@ -114,13 +115,18 @@ class GroupedQueryAttention(nn.Module):
         self.attn_dropout = config.dropout
         qkv_width = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_width, bias=False)
-        self.proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        self.proj = ResidualLinear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
     def forward(
-        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, D), cos/sin (T, K) or (B, T, K) in fp32, mask from ``build_attention_mask``
-        -> (B, T, D)."""
+        -> (B, T, D), added to ``residual`` if given (inside the output projection's matmul)."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.n_kv_heads, self.head_dim
         # Rotated in fp32 (cos/sin are fp32, so the product promotes), then back to the compute
@@ -138,7 +144,7 @@ class GroupedQueryAttention(nn.Module):
             enable_gqa=G < H,
         )
         y_BTD = y_BHTK.transpose(1, 2).reshape(B, T, H * K)  # (B, T, H, K) -> (B, T, D)
-        return self.proj(y_BTD)
+        return self.proj(y_BTD, residual=residual)
 
 
 class SwiGLU(nn.Module):
@@ -151,10 +157,11 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
         self.gate_up = GatedLinear(d_model, d_ff, activation="silu")  # silu(gate) * up
-        self.proj = nn.Linear(d_ff, d_model, bias=False)
+        self.proj = ResidualLinear(d_ff, d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.gate_up(x_BTD))
+    def forward(self, x_BTD: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), added to ``residual`` if given (inside the last matmul)."""
+        return self.proj(self.gate_up(x_BTD), residual=residual)
 
 
 class LlamaBlock(nn.Module):
@@ -170,8 +177,8 @@ class LlamaBlock(nn.Module):
     def forward(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = self.attn(self.attn_norm(x_BTD), cos, sin, mask, residual=x_BTD)
+        return self.mlp(self.mlp_norm(x_BTD), residual=x_BTD)
 
 
 # --- model ---------------------------------------------------------------------------------------

@@ -259,10 +259,17 @@ def _chunked(features_ND, weight_VD, bias_V, targets_N, compute_dtype, chunk_row
     accuracy = ((shifted_target_N1 >= 0) & scored_N1).sum() / n_scored.clamp(min=1)  # the target is a top logit
     grads = [
         None if grad_x_ND is None else grad_x_ND.to(features_ND.dtype),
-        None if grad_w_VD is None else grad_w_VD[:V_real].to(weight_VD.dtype),
-        None if grad_b_V is None else grad_b_V[:V_real].to(bias_V.dtype),
+        None if grad_w_VD is None else _unpadded(grad_w_VD, V_real).to(weight_VD.dtype),
+        None if grad_b_V is None else _unpadded(grad_b_V, V_real).to(bias_V.dtype),
     ]
     return loss, accuracy, grads
+
+
+def _unpadded(grad: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of a padded vocabulary's gradient; the tensor itself, not a view of
+    it, when there is no padding: autograd adds a later gradient for the same weight (a tied
+    embedding's) in place only into one that is not a view."""
+    return grad if grad.shape[0] == rows else grad[:rows]
 
 
 def softmax_block(
