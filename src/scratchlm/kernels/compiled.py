@@ -215,7 +215,7 @@ def applies(elements: int, device: torch.device, *dtypes: torch.dtype) -> bool:
 
 def bias_gelu_tanh_kernels(
     rows: int, width: int, dtype: torch.dtype, device: torch.device, pre_activation: torch.Tensor | None = None
-) -> tuple[Callable, Callable] | None:
+) -> tuple[Callable, Callable, Callable] | None:
     """(:func:`bias_gelu_tanh_forward`, :func:`bias_gelu_tanh_backward`,
     :func:`bias_gelu_tanh_backward_`) for pre-activations
     (rows, width) of ``dtype`` on ``device`` and an fp32 bias (width,); None where they do not

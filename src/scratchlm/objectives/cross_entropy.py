@@ -143,10 +143,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         after (nothing else reads them: no fresh buffers, 12 MB a step in the throughput
         benchmark's GPT-2), else into new tensors."""
         in_place = frees_saved_tensors()
-        grads = [
-            None if not has else g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)
-            for g, has in zip(ctx.saved_tensors, ctx.has_grad)
-        ]
+        grads = []
+        for grad, has in zip(ctx.saved_tensors, ctx.has_grad):
+            if not has:
+                grads.append(None)
+            elif in_place:
+                grads.append(grad.mul_(grad_loss.to(grad.dtype)))
+            else:
+                grads.append(grad * grad_loss.to(grad.dtype))
         return grads[0], grads[1], grads[2], None, None, None, None
 
 
