@@ -63,10 +63,11 @@ MFU (model FLOPs utilisation)
 square matmul (``--peak-size``, 2048 by default on CPU, 8192 on a GPU) timed by this script on this
 machine, in the case's dtype, with the same threads: at start for the header, and (best of two)
 at the start of each round, before either side's steps, the MFU being the median over rounds of
-our FLOP/s in the round over its peak (on a shared machine whose speed moves from second to second, a peak
-timed once at start made MFUs above 1 when that moment was slow). On a GPU with a known data sheet,
-bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16 figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1)
-with the attention term of the PaLM paper (Chowdhery et al. 2022, appendix B):
+our FLOP/s in the round over its peak (on a shared machine whose speed moves from second to
+second, a peak timed once at start made MFUs above 1 when that moment was slow). On a GPU with
+a known data sheet, bf16 cases also print ``mfu_spec``: the same FLOPs over NVIDIA's dense bf16
+figure. Training FLOPs per token follow Kaplan et al. 2020 (§2.1) with the attention term of
+the PaLM paper (Chowdhery et al. 2022, appendix B):
 
     flops_per_token = 6·N_blocks + 6·N_head·s + 12·L·T·D
 
