@@ -110,8 +110,9 @@ def test_rope_rotates_by_the_position():
     torch.testing.assert_close(y[0, 0, 3, 1], expected)
 
 
-@pytest.mark.parametrize("needs", ["both", "input", "weight"])
-def test_rms_norm_matches_torch(needs):
+@pytest.mark.parametrize(("route", "needs"), [case(r, n) for r in ("eager", "compiled") for n in ("both", "input", "weight")])
+def test_rms_norm_matches_torch(route, needs, monkeypatch):
+    take_route(route, monkeypatch)
     generator = torch.Generator().manual_seed(0)
     ours, reference = RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
     with torch.no_grad():
@@ -129,9 +130,11 @@ def test_rms_norm_matches_torch(needs):
         torch.testing.assert_close(got, want)
 
 
-def test_rms_norm_takes_strided_inputs_and_gradients():
+@pytest.mark.parametrize("route", [case("eager"), case("compiled")])
+def test_rms_norm_takes_strided_inputs_and_gradients(route, monkeypatch):
     """Transposed views in, as a caller may hand them (a permuted activation, a gradient that
     arrives transposed): the same values and gradients as torch's norm."""
+    take_route(route, monkeypatch)
     generator = torch.Generator().manual_seed(1)
     ours, reference = RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
     with torch.no_grad():
@@ -317,12 +320,13 @@ def test_compiled_kernels_serve_every_batch_with_one_compile(monkeypatch):
     take_route("compiled", monkeypatch)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 16, generator=generator).requires_grad_()
+    norm = RMSNorm(16, eps=1e-6)
 
     def step(batch, length):
         x = torch.randn(batch, length, 16, generator=generator, requires_grad=True)
         cos, sin = rope_cos_sin(torch.arange(length), 8, theta=10000.0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = gated(nn.functional.linear(x, weight), "silu")  # (B, T, 12): 3 heads of 4
+            h = gated(nn.functional.linear(norm(x), weight), "silu")  # (B, T, 12): 3 heads of 4
             y = linear_gelu(x, weight, None, "tanh")
         q, k, v = rotary_split_heads(h.float().view(batch, length, 3, 4).repeat(1, 1, 1, 2), cos, sin, [1, 1, 1])
         out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -13,6 +13,10 @@ way where the eager route makes several passes over memory or evaluates a transc
 - Rotary embeddings of a fused QKV projection's queries and keys (Llama, ModernBERT): the eager
   route (``layers._rotate_into``) makes three passes each way over strided halves; for (32, 128,
   12, 64) forward 1.2 ms against 2.9, backward 2.7 against 4.0.
+- RMS norm (Llama, T5): PyTorch's CPU norm has no fused backward, and the hand-written eager one
+  (``layers._RMSNorm``) makes five passes; here one loop over the rows each way, the weight's
+  gradient summed in the backward's (forward and backward of (32, 128, 256) through autograd:
+  3.8-4.0 ms against 5.7-5.9).
 - The gate of a gated MLP, ``act(a)·b`` (SwiGLU, GeGLU): ATen makes two passes forward and three
   backward, and keeps ``act(a)`` for the backward; here one pass each way, and only ``a`` and
   ``b`` are kept (SwiGLU on (4096, 688): 2.0 / 2.8 ms against 2.7 / 4.4).
@@ -143,6 +147,25 @@ def gated_backward_joined(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
     return torch.cat(gated_backward(grad, a, b, activation), dim=-1)
 
 
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS norm of the rows of ``x`` (rows, D), scaled by ``weight``, and the reciprocal RMS of
+    each row (rows, 1) that the backward starts from: ``x·rstd·weight``, ``rstd = (mean(x²) +
+    eps)^-½``."""
+    rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x * rstd * weight, rstd
+
+
+def rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`rms_norm_forward` for ``x`` and ``weight``: with ``x̂ = x·rstd``
+    and ``g = grad·weight``, ``rstd·(g − x̂·mean(g·x̂))`` per row, and ``Σ grad·x̂`` over the rows."""
+    x_hat = x * rstd
+    grad_x_hat = grad * weight
+    grad_x = rstd * (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True))
+    return grad_x, (grad * x_hat).sum(0)
+
+
 # --- compiling on first use ----------------------------------------------------------------------
 
 _state: dict = {"compiled": {}, "ready": set(), "failed": False}
@@ -242,6 +265,23 @@ def bias_gelu_tanh_kernels(
     key = ("gelu_tanh", torch.device(device).type, dtype, width, row_stride)
     functions = (bias_gelu_tanh_forward, bias_gelu_tanh_backward, bias_gelu_tanh_backward_)
     return kernels("GELU-tanh", functions, key, warm_up)
+
+
+def rms_norm_kernels(x: torch.Tensor, eps: float) -> tuple[Callable, Callable] | None:
+    """(:func:`rms_norm_forward`, :func:`rms_norm_backward`) for fp32 inputs like ``x`` (…, D),
+    taken as contiguous rows (rows, D), and this ``eps``; None where they do not apply."""
+    if x.dtype != torch.float32 or not applies(x.numel(), x.device, x.dtype):
+        return None
+    width = x.shape[-1]
+    weight = torch.ones(width, device=x.device)
+
+    def warm_up(forward, backward):
+        rows = dynamic_leading(torch.zeros(x.numel() // width, width, device=x.device))
+        y, rstd = forward(rows, weight, eps)
+        backward(dynamic_leading(y), rows, weight, dynamic_leading(rstd))
+
+    key = ("rms_norm", x.device.type, width, eps)
+    return kernels("RMSNorm", (rms_norm_forward, rms_norm_backward), key, warm_up)
 
 
 def rotary_kernels(qk: torch.Tensor, cos: torch.Tensor, heads: list[int]) -> tuple[Callable, Callable] | None:

@@ -410,15 +410,20 @@ def _cpu_fp32_eager(*tensors: torch.Tensor) -> bool:
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (Zhang & Sennrich 2019): ``nn.RMSNorm``'s
-    parameters and results, with a hand-written eager backward.
+    parameters and results, with a faster CPU route in fp32.
 
-    PyTorch's CPU ``rms_norm`` is a composite of six ops whose autograd keeps and re-reads their
-    intermediates; here the forward takes one fused reduction (``vector_norm``) and two
-    multiplies, and the backward five passes with one temporary (forward and backward of
-    (4096, 256) on two cores: 2.4-2.6 ms, against 3.7-4.3 with seven passes and x kept).
-    Elsewhere ``F.rms_norm`` runs: on CUDA it is one fused kernel each way (forward and backward of (16384, 768) fp32 on
-    an H200: 0.17-0.20 ms against 0.53-0.65 ms for the hand-written one; ``benchmarks/kernels.py``);
-    so it does under ``torch.compile`` (the compiler fuses it) and for inputs that are not fp32."""
+    PyTorch's CPU ``rms_norm`` has no fused backward: under autograd it runs as a composite of
+    ops that keeps and re-reads their intermediates. On CPU in fp32, eagerly, this norm runs as
+    two compiled kernels (``kernels.compiled.rms_norm_kernels``: one loop over the rows forward,
+    one backward that also sums the weight's gradient; the input is kept, not x̂), or, for inputs
+    too small to pay for compiling, as the eager ops of ``_RMSNorm`` (the mean of squares, as
+    ``nn.RMSNorm`` and Hugging Face's norms take it, and two multiplies forward; five passes with
+    one temporary backward). Forward and backward of (32, 128, 256) through autograd, inputs from
+    memory, two cores: compiled 3.8-4.0 ms, eager ops 5.7-5.9 ms, PyTorch's
+    composite 9.6-11.6 ms. Elsewhere ``F.rms_norm`` runs: on CUDA it is one fused kernel each way
+    (forward and backward of (16384, 768) fp32 on an H200: 0.17-0.20 ms against 0.53-0.65 ms for
+    the eager ops; ``benchmarks/kernels.py``); so it does under ``torch.compile`` (the compiler
+    fuses it) and for inputs that are not fp32."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -428,16 +433,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _cpu_fp32_eager(x, self.weight):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        return _RMSNorm.apply(x, self.weight, self.eps, compiled.rms_norm_kernels(x, self.eps))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class _RMSNorm(torch.autograd.Function):
+    """The norm's two routes: the compiled kernels (``kernels``, one loop each way over rows of
+    the input, which is kept), or the eager ops below, which keep x̂ instead."""
+
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    def forward(ctx, x, weight, eps, kernels):
+        ctx.backward_kernel = None if kernels is None else kernels[1]
+        if kernels is not None:
+            x_ND = x.reshape(-1, x.shape[-1]).contiguous()
+            y_ND, rstd_N1 = kernels[0](x_ND, weight, eps)
+            ctx.save_for_backward(x_ND, weight, rstd_N1)
+            return y_ND.view(x.shape)
+        rstd = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         x_hat = x * rstd
         # x̂ is kept instead of x (the same size; x itself is then free once the residual add has
         # read it): the backward starts from it instead of remaking it.
@@ -449,16 +463,21 @@ class _RMSNorm(torch.autograd.Function):
         """With x̂ = x·rstd: grad_weight = Σ grad_y·x̂ over every position, and grad_x =
         rstd·(grad_y·weight − x̂·m/D) where m = Σ_d grad_y·weight·x̂ per position, the one product
         ``grad_y·x̂`` matrix-times-weight: five passes over (N, D) and one temporary."""
+        if ctx.backward_kernel is not None:
+            x_ND, weight, rstd_N1 = ctx.saved_tensors
+            grad_x_ND, grad_weight = ctx.backward_kernel(grad_y.reshape(x_ND.shape).contiguous(), x_ND, weight, rstd_N1)
+            grad_x = grad_x_ND.view(grad_y.shape) if ctx.needs_input_grad[0] else None
+            return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None
         x_hat, weight, rstd = ctx.saved_tensors
         D = x_hat.shape[-1]
         scratch = grad_y * x_hat
         scratch_ND = scratch.reshape(-1, D)
         grad_weight = scratch_ND.sum(0) if ctx.needs_input_grad[1] else None
         if not ctx.needs_input_grad[0]:
-            return None, grad_weight, None
+            return None, grad_weight, None, None
         m = torch.mv(scratch_ND, weight).view(rstd.shape).mul_(rstd).div_(-D)
         correction = torch.mul(x_hat, m, out=scratch)  # −x̂·rstd·m/D, over the spent product
-        return torch.mul(grad_y, weight).mul_(rstd).add_(correction), grad_weight, None
+        return torch.mul(grad_y, weight).mul_(rstd).add_(correction), grad_weight, None, None
 
 
 # --- GELU ----------------------------------------------------------------------------------------

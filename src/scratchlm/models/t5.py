@@ -23,6 +23,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.models.layers import (
     Dropout,
     HeadsLinear,
+    RMSNorm,
     build_attention_mask,
     check_length,
     check_positive_int,
@@ -241,9 +242,9 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = T5SelfAttention(config)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = GatedGELU(config)
         self.dropout = Dropout(config.dropout)
 
@@ -257,11 +258,11 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = T5SelfAttention(config)
-        self.cross_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.cross_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.cross = T5CrossAttention(config)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = GatedGELU(config)
         self.dropout = Dropout(config.dropout)
 
@@ -280,7 +281,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.position_bias = RelativePositionBias(config, bidirectional=True)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
-        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x_BSD: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -300,7 +301,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.position_bias = RelativePositionBias(config, bidirectional=False)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
-        self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.dropout = Dropout(config.dropout)
 
     def forward(
@@ -361,7 +362,7 @@ class T5(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=1.0)
         nn.init.normal_(self.head.weight, std=D**-0.5)
         for module in self.modules():
-            if isinstance(module, nn.RMSNorm):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, RelativePositionBias):
                 nn.init.normal_(module.table.weight, std=D**-0.5)
