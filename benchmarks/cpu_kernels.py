@@ -11,7 +11,7 @@ ratio > 1: ours is faster. Under bf16 the differences are bf16 rounding: about 1
 gradient's values of ~300. Shapes: batch 32 × sequence 128, width 256, 4 heads of 64, MLP 1024
 (GELU) or 688 (SwiGLU), as ``benchmarks/throughput.py``'s fixed config.
 
-    rms_norm           RMSNorm's hand-written backward       F.rms_norm (ATen's composite)
+    rms_norm           RMSNorm, compiled each way            F.rms_norm (ATen's composite)
     gated_linear       two matmuls, compiled gate            F.linear, F.silu(a) * b on its halves
     gated_linear_bf16  one matmul, compiled gate on halves   the same under bf16 autocast
     rotary_split       q, k rotated in one autograd node,    split_heads, then apply_rope twice
