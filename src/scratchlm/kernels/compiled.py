@@ -268,19 +268,19 @@ def bias_gelu_tanh_kernels(
 
 
 def rms_norm_kernels(x: torch.Tensor, eps: float) -> tuple[Callable, Callable] | None:
-    """(:func:`rms_norm_forward`, :func:`rms_norm_backward`) for fp32 inputs like ``x`` (…, D),
-    taken as contiguous rows (rows, D), and this ``eps``; None where they do not apply."""
-    if x.dtype != torch.float32 or not applies(x.numel(), x.device, x.dtype):
+    """(:func:`rms_norm_forward`, :func:`rms_norm_backward`) for inputs like ``x`` (…, D), taken
+    as contiguous rows (rows, D), an fp32 weight and this ``eps``; None where they do not apply."""
+    if not applies(x.numel(), x.device, x.dtype):
         return None
     width = x.shape[-1]
-    weight = torch.ones(width, device=x.device)
 
     def warm_up(forward, backward):
-        rows = dynamic_leading(torch.zeros(x.numel() // width, width, device=x.device))
+        rows = dynamic_leading(torch.zeros(x.numel() // width, width, dtype=x.dtype, device=x.device))
+        weight = torch.ones(width, device=x.device)
         y, rstd = forward(rows, weight, eps)
         backward(dynamic_leading(y), rows, weight, dynamic_leading(rstd))
 
-    key = ("rms_norm", x.device.type, width, eps)
+    key = ("rms_norm", x.device.type, x.dtype, width, eps)
     return kernels("RMSNorm", (rms_norm_forward, rms_norm_backward), key, warm_up)
 
 
