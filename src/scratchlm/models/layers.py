@@ -488,9 +488,9 @@ def linear_gelu(
 ) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias), approximate=...)``. The tanh form runs, on CPU in fp32
     or under bf16 autocast, eagerly and for outputs large enough to pay back the compiling, as a
-    matmul and one compiled kernel each way that adds the bias and applies GELU
-    (``kernels.compiled``: no pass for the bias, and 2.3x faster than ATen's tanh GELU on data in
-    cache)."""
+    matmul and one compiled kernel that adds the bias, applies GELU and keeps GELU's slope for the
+    backward, which is then one multiply (``kernels.compiled``: no pass for the bias, and 2.3x
+    faster than ATen's tanh GELU on data in cache)."""
     rows = x.numel() // x.shape[-1]
     if (route := _bias_gelu_tanh_route(approximate, rows, weight.shape[0], x, weight, bias)) is not None:
         kernels, dtype = route
@@ -568,28 +568,37 @@ def frees_saved_tensors() -> bool:
 class _LinearBiasGeluTanh(torch.autograd.Function):
     """``gelu_tanh(x @ weight.T + bias)``, or ``gelu_tanh(x + bias)`` without a weight; ``x`` and
     ``weight`` in one dtype (fp32 or bf16), ``bias`` fp32. With a weight the pre-activation is
-    this function's own, and backward writes its gradient over it where the graph is freed
-    after (:func:`frees_saved_tensors`)."""
+    this function's own: the forward kernel writes GELU's slope over it, and the backward is
+    that slope times the incoming gradient, written over the slope where the graph is freed
+    after (:func:`frees_saved_tensors`). Without one, ``x`` is the caller's and is kept; the
+    backward kernel computes the slope from it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, kernels):
+        forward, backward, forward_ = kernels
         x_ND = x.reshape(-1, x.shape[-1])
-        h_NF = x_ND if weight is None else torch.mm(x_ND, weight.t())
-        ctx.save_for_backward(x_ND, weight, h_NF, bias)
-        ctx.backward_kernels = kernels[1:]
-        y_NF = kernels[0](h_NF, bias)
-        return y_NF.view(*x.shape[:-1], h_NF.shape[-1])
+        if weight is None:
+            y_NF = forward(x_ND, bias)
+            ctx.backward_kernel = backward
+            ctx.save_for_backward(x_ND, weight, x_ND, bias)  # the pre-activation is x itself
+        else:
+            h_NF = torch.mm(x_ND, weight.t())
+            y_NF = forward_(h_NF, bias)
+            ctx.backward_kernel = None
+            ctx.save_for_backward(x_ND, weight, h_NF, bias)  # h_NF now holds the slope
+        return y_NF.view(*x.shape[:-1], y_NF.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x_ND, weight, h_NF, bias = ctx.saved_tensors
-        grad_NF = grad_y.reshape(h_NF.shape).to(h_NF.dtype)
-        if weight is not None and frees_saved_tensors():
-            ctx.backward_kernels[1](grad_NF, h_NF, bias)
-            grad_h_NF = h_NF
+        x_ND, weight, saved_NF, bias = ctx.saved_tensors
+        grad_NF = grad_y.reshape(saved_NF.shape).to(saved_NF.dtype)
+        if ctx.backward_kernel is not None:  # saved_NF is the pre-activation
+            grad_h_NF = ctx.backward_kernel(grad_NF, saved_NF, bias)
+        elif frees_saved_tensors():
+            grad_h_NF = torch.mul(grad_NF, saved_NF, out=saved_NF)
         else:
-            grad_h_NF = ctx.backward_kernels[0](grad_NF, h_NF, bias)
+            grad_h_NF = grad_NF * saved_NF
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x_ND = grad_h_NF if weight is None else torch.mm(grad_h_NF, weight)
