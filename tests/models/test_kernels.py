@@ -235,9 +235,10 @@ def test_linear_gelu_tanh_matches_linear_then_gelu(needs, with_bias, monkeypatch
 @needs_a_compiler
 @pytest.mark.parametrize("mlp", ["gelu_tanh", "swiglu"])
 def test_mlp_backward_writes_over_its_activation_only_where_the_graph_is_freed(mlp, monkeypatch):
-    """The compiled MLP routes write the activation's gradient over the pre-activation they saved
-    when the backward frees the graph, and into a fresh buffer when it is retained: a second
-    backward then still reads the pre-activation. Both give the reference gradients."""
+    """The compiled MLP routes write the activation's gradient over what they saved (SwiGLU's
+    pre-activation, GELU's slope) when the backward frees the graph, and into a fresh buffer when
+    it is retained: a second backward then still reads what was saved. Both give the reference
+    gradients."""
     from scratchlm.models import layers
 
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 1)
