@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ScratchLMError
-from scratchlm.kernels import compiled, liger
+from scratchlm.kernels import compiled, cpu_attention, liger
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -235,13 +235,16 @@ forward and backward of 32×4 heads of width 64 at 128 queries; even at 192)."""
 
 def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (same arguments, same result dtype), with CPU routes
-    for what PyTorch's fused CPU kernel does slowly or not at all: bf16 over up to
+    for what PyTorch's fused CPU kernel does slowly or not at all: fp32 without a mask or dropout
+    (short sequences, the usual head widths) runs :mod:`scratchlm.kernels.cpu_attention`; bf16 over up to
     ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused kernel has none, and
     its unfused fallback is slower), run :func:`matmul_attention` when not under
     ``torch.compile``; compiled, bf16 with fewer than ``CPU_BF16_MIN_QUERIES`` queries computes in
     fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
+    if cpu_attention.applies(q_BHQK, k_BGTK, v_BGTK, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0)):
+        return cpu_attention.attention(q_BHQK, k_BGTK, v_BGTK, kwargs.get("is_causal", False), kwargs.get("scale"))
     dtypes = {q_BHQK.dtype, k_BGTK.dtype, v_BGTK.dtype}
     queries = q_BHQK.shape[-2]
     short_bf16 = dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES
