@@ -45,7 +45,7 @@ def test_matches_sdpa_forward_and_backward(causal, B, H, G, Q, T, K, fused):
     torch.manual_seed(0)
     q, k, v = _qkv(B, H, G, Q, T, K, fused)
     grad = torch.randn(B, H, Q, K)
-    assert cpu_attention.applies(q, k, v)
+    assert cpu_attention.applies(q, k, v, is_causal=causal)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=G != H)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
     out = cpu_attention.attention(q, k, v, causal)
@@ -84,8 +84,9 @@ def test_applies_only_where_the_kernel_has_a_case():
     assert not cpu_attention.applies(q, k, v, dropout_p=0.1)
     assert not cpu_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert not cpu_attention.applies(*_qkv(1, 2, 2, 8, 8, 16, fused=False))  # no width-16 case
-    long = cpu_attention.MAX_KEYS + 1
-    assert not cpu_attention.applies(*_qkv(1, 1, 1, 1, long, 64, fused=False))
+    for causal, keys in cpu_attention.MAX_KEYS.items():
+        assert cpu_attention.applies(*_qkv(1, 1, 1, 1, keys, 64, fused=False), is_causal=causal)
+        assert not cpu_attention.applies(*_qkv(1, 1, 1, 1, keys + 1, 64, fused=False), is_causal=causal)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_attention.applies(q, k, v)
 

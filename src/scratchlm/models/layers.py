@@ -236,24 +236,24 @@ forward and backward of 32×4 heads of width 64 at 128 queries; even at 192)."""
 def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (same arguments, same result dtype), with CPU routes
     for what PyTorch's fused CPU kernel does slowly or not at all: fp32 without a mask or dropout
-    (short sequences, the usual head widths) runs :mod:`scratchlm.kernels.cpu_attention`; bf16 over up to
-    ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused kernel has none, and
-    its unfused fallback is slower), run :func:`matmul_attention` when not under
+    over short sequences runs :mod:`scratchlm.kernels.cpu_attention` (where it applies); bf16 over
+    up to ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused kernel has
+    none, and its unfused fallback is slower), run :func:`matmul_attention` when not under
     ``torch.compile``; compiled, bf16 with fewer than ``CPU_BF16_MIN_QUERIES`` queries computes in
     fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
-    if cpu_attention.applies(q_BHQK, k_BGTK, v_BGTK, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0)):
-        return cpu_attention.attention(q_BHQK, k_BGTK, v_BGTK, kwargs.get("is_causal", False), kwargs.get("scale"))
+    mask, dropout_p, causal = kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False)
+    if cpu_attention.applies(q_BHQK, k_BGTK, v_BGTK, mask, dropout_p, causal):
+        return cpu_attention.attention(q_BHQK, k_BGTK, v_BGTK, causal, kwargs.get("scale"))
     dtypes = {q_BHQK.dtype, k_BGTK.dtype, v_BGTK.dtype}
     queries = q_BHQK.shape[-2]
     short_bf16 = dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES
-    fp32_dropout = dtypes == {torch.float32} and kwargs.get("dropout_p", 0.0) > 0.0
+    fp32_dropout = dtypes == {torch.float32} and dropout_p > 0.0
     if (short_bf16 or fp32_dropout) and not torch.compiler.is_compiling():
         with torch.autocast("cpu", enabled=False):
             return matmul_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
     if q_BHQK.dtype == torch.bfloat16 and queries < CPU_BF16_MIN_QUERIES:
-        mask = kwargs.get("attn_mask")
         if mask is not None and mask.is_floating_point():
             kwargs["attn_mask"] = mask.float()  # an additive bias (T5's positions) in the scores' dtype
         with torch.autocast("cpu", enabled=False):
