@@ -219,9 +219,9 @@ void softmax_rows(float* s, int ld, int i0, int rows, int cols, int T, bool caus
 
 template <int D>
 void forward(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, float* o,
-             Strides so, float* lse, int B, int H, int G, int Q, int T, bool causal, float scale) {
+             Strides so, float* lse, int B, int H, int G, int Q, int T, bool causal, float scale, int threads) {
     const int Tp = round_up(T, 2 * W);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         Scratch qs(BQ * D), kt(long(Tp) * D), s(long(Tp) * BQ);
 #pragma omp for schedule(static)
@@ -249,10 +249,11 @@ void forward(const float* q, Strides sq, const float* k, Strides sk, const float
 template <int D>
 void backward(const float* q, Strides sq, const float* k, Strides sk, const float* v, Strides sv, const float* o,
               Strides so, const float* dout, Strides sd, const float* lse, float* dq, Strides sdq, float* dk,
-              Strides sdk, float* dv, Strides sdv, int B, int H, int G, int Q, int T, bool causal, float scale) {
+              Strides sdk, float* dv, Strides sdv, int B, int H, int G, int Q, int T, bool causal, float scale,
+              int threads) {
     const int Tp = round_up(T, 2 * W), R = H / G;
     const int keys = keys_seen(Q - 1, T, causal);
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         Scratch qs(BQ * D), ds(BQ * D), kt(long(Tp) * D), vt(long(Tp) * D), p(long(Tp) * BQ), dp(long(Tp) * BQ);
         Scratch dk_acc(long(Tp) * D), dv_acc(long(Tp) * D), delta(BQ);
@@ -316,15 +317,16 @@ void backward(const float* q, Strides sq, const float* k, Strides sk, const floa
 
 extern "C" {
 
-// Both return 0, or 1 for a head width without a kernel (the caller checks SUPPORTED_WIDTHS).
+// Both run on `threads` OpenMP threads (PyTorch's count) and return 0, or 1 for a head width
+// without an instance (the caller checks WIDTHS).
 int scratchlm_attention_forward(const float* q, long qb, long qh, long qt, const float* k, long kb, long kh,
                                 long kt, const float* v, long vb, long vh, long vt, float* o, long ob, long oh,
                                 long ot, float* lse, int B, int H, int G, int Q, int T, int D, int causal,
-                                float scale) {
+                                float scale, int threads) {
     const Strides sq{qb, qh, qt}, sk{kb, kh, kt}, sv{vb, vh, vt}, so{ob, oh, ot};
     switch (D) {
 #define CASE(WIDTH) \
-    case WIDTH: forward<WIDTH>(q, sq, k, sk, v, sv, o, so, lse, B, H, G, Q, T, causal, scale); return 0;
+    case WIDTH: forward<WIDTH>(q, sq, k, sk, v, sv, o, so, lse, B, H, G, Q, T, causal, scale, threads); return 0;
         CASE(32) CASE(64) CASE(128)
 #undef CASE
         default: return 1;
@@ -336,14 +338,14 @@ int scratchlm_attention_backward(const float* q, long qb, long qh, long qt, cons
                                  long oh, long ot, const float* dout, long db, long dh, long dt, const float* lse,
                                  float* dq, long dqb, long dqh, long dqt, float* dk, long dkb, long dkh, long dkt,
                                  float* dv, long dvb, long dvh, long dvt, int B, int H, int G, int Q, int T, int D,
-                                 int causal, float scale) {
+                                 int causal, float scale, int threads) {
     const Strides sq{qb, qh, qt}, sk{kb, kh, kt}, sv{vb, vh, vt}, so{ob, oh, ot}, sd{db, dh, dt};
     const Strides sdq{dqb, dqh, dqt}, sdk{dkb, dkh, dkt}, sdv{dvb, dvh, dvt};
     switch (D) {
 #define CASE(WIDTH)                                                                                          \
     case WIDTH:                                                                                              \
         backward<WIDTH>(q, sq, k, sk, v, sv, o, so, dout, sd, lse, dq, sdq, dk, sdk, dv, sdv, B, H, G, Q, T, \
-                        causal, scale);                                                                      \
+                        causal, scale, threads);                                                             \
         return 0;
         CASE(32) CASE(64) CASE(128)
 #undef CASE

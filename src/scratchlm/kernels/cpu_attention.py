@@ -8,15 +8,15 @@ tiles, and recomputes the probabilities in the backward from the saved log-sum-e
 kernel does. Over (32, 4, 128, 64), causal, on two cores: forward 3.1-3.2 ms against 6.2-6.5,
 backward 6.5-6.9 against 13.0-14.3 (``benchmarks/results/2026-11-27-cpu-2core.md``, run 7).
 
-The library is built the first time a process needs it, with the C++ compiler that PyTorch's
-own compiler uses on CPU (``$CXX``, else ``c++``), for this machine's instructions
+The library is built the first time a process needs it, with the C++ compiler (``$CXX``, else
+``c++``) that PyTorch's own compiler needs on CPU too, for this machine's instructions
 (``-march=native``), and kept in ``$SCRATCHLM_CACHE_DIR`` (else ``~/.cache/scratchlm``) under a
 name that hashes the source, the flags, the compiler and the CPU: a second process loads it in
 milliseconds. The build writes to a temporary file that replaces the library in one rename, so
-processes building at once never load half a file. It runs OpenMP on the threads PyTorch's
-OpenMP runtime already has (``torch.set_num_threads`` holds for it). Where the build or the load
-fails, one warning is given and SDPA runs from then on; ``SCRATCHLM_CPU_ATTENTION=0`` turns the
-kernel off.
+processes building at once never load half a file. It runs on ``torch.get_num_threads()`` OpenMP
+threads; where PyTorch ships its own ``libgomp.so.1`` (the Linux wheels), the library binds to
+that one, already loaded, and shares its threads. Where the build or the load fails, one warning
+is given and SDPA runs from then on; ``SCRATCHLM_CPU_ATTENTION=0`` turns the kernel off.
 """
 
 import ctypes
@@ -109,6 +109,7 @@ class _Attention(torch.autograd.Function):
         _check(_library().scratchlm_attention_forward(
             *_pointer_and_strides(q_BHQK), *_pointer_and_strides(k_BGTK), *_pointer_and_strides(v_BGTK),
             *_pointer_and_strides(out_BHQK), lse_BHQ.data_ptr(), B, H, G, Q, T, K, int(causal), scale,
+            torch.get_num_threads(),
         ), K)  # fmt: skip
         ctx.save_for_backward(q_BHQK, k_BGTK, v_BGTK, out_BHQK, lse_BHQ)
         ctx.causal, ctx.scale = causal, scale
@@ -127,7 +128,7 @@ class _Attention(torch.autograd.Function):
             *_pointer_and_strides(q_BHQK), *_pointer_and_strides(k_BGTK), *_pointer_and_strides(v_BGTK),
             *_pointer_and_strides(out_BHQK), *_pointer_and_strides(grad_BHQK), lse_BHQ.data_ptr(),
             *_pointer_and_strides(grad_q), *_pointer_and_strides(grad_k), *_pointer_and_strides(grad_v),
-            B, H, G, Q, T, K, int(ctx.causal), ctx.scale,
+            B, H, G, Q, T, K, int(ctx.causal), ctx.scale, torch.get_num_threads(),
         ), K)  # fmt: skip
         return grad_q, grad_k, grad_v, None, None
 
@@ -153,8 +154,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, long, int_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     tensor = [pointer, long, long, long]
-    library.scratchlm_attention_forward.argtypes = tensor * 4 + [pointer] + [int_] * 7 + [float_]
-    library.scratchlm_attention_backward.argtypes = tensor * 5 + [pointer] + tensor * 3 + [int_] * 7 + [float_]
+    library.scratchlm_attention_forward.argtypes = tensor * 4 + [pointer] + [int_] * 7 + [float_, int_]
+    library.scratchlm_attention_backward.argtypes = tensor * 5 + [pointer] + tensor * 3 + [int_] * 7 + [float_, int_]
     _state["library"] = library
     return library
 
