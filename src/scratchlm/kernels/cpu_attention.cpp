@@ -88,15 +88,17 @@ void rows_by_columns(const float* A, int rows, const float* Bt, int ldb, int col
 template <int D>
 constexpr int tile_rows() { return std::max(1, 16 / (D / W)); }
 
-// Out[r][:] (+)= sum_{j < cols} C[r][j] * M[j][:] for r < rows (Out rows at ldo; M rows at ldm).
-template <int D, bool ACCUMULATE>
-void rows_by_rows(const float* C, int ldc, int rows, int cols, const float* M, long ldm, float* Out, long ldo) {
+// Out[r][:] = row_scale[r] * sum_{j < cols} C[r][j] * M[j][:] for r < rows (Out rows at ldo; M
+// rows at ldm); no row_scale: 1.
+template <int D>
+void rows_by_rows(const float* C, int ldc, int rows, int cols, const float* M, long ldm, float* Out, long ldo,
+                  const float* row_scale = nullptr) {
     constexpr int R = tile_rows<D>(), V = D / W;
     int r0 = 0;
     for (; r0 + R <= rows; r0 += R) {
         vec acc[R][V];
         for (int r = 0; r < R; ++r)
-            for (int c = 0; c < V; ++c) acc[r][c] = ACCUMULATE ? load(Out + (r0 + r) * ldo + c * W) : splat(0.0f);
+            for (int c = 0; c < V; ++c) acc[r][c] = splat(0.0f);
         for (int j = 0; j < cols; ++j) {
             const float* m = M + j * ldm;
             vec mv[V];
@@ -106,15 +108,17 @@ void rows_by_rows(const float* C, int ldc, int rows, int cols, const float* M, l
                 for (int c = 0; c < V; ++c) acc[r][c] += a * mv[c];
             }
         }
-        for (int r = 0; r < R; ++r)
-            for (int c = 0; c < V; ++c) store(Out + (r0 + r) * ldo + c * W, acc[r][c]);
+        for (int r = 0; r < R; ++r) {
+            const vec factor = splat(row_scale ? row_scale[r0 + r] : 1.0f);
+            for (int c = 0; c < V; ++c) store(Out + (r0 + r) * ldo + c * W, acc[r][c] * factor);
+        }
     }
     for (; r0 < rows; ++r0) {
-        vec acc[V];
-        for (int c = 0; c < V; ++c) acc[c] = ACCUMULATE ? load(Out + r0 * ldo + c * W) : splat(0.0f);
+        vec acc[V] = {};
         for (int j = 0; j < cols; ++j)
             for (int c = 0; c < V; ++c) acc[c] += splat(C[r0 * ldc + j]) * load(M + j * ldm + c * W);
-        for (int c = 0; c < V; ++c) store(Out + r0 * ldo + c * W, acc[c]);
+        const vec factor = splat(row_scale ? row_scale[r0] : 1.0f);
+        for (int c = 0; c < V; ++c) store(Out + r0 * ldo + c * W, acc[c] * factor);
     }
 }
 
@@ -191,28 +195,29 @@ struct Scratch {
     }
 };
 
-// Softmax of each row of a block of scores in place (keys past what a row sees get 0), the
-// rows' log-sum-exp into lse.
-void softmax_rows(float* s, int ld, int i0, int rows, int cols, int T, bool causal, float* lse) {
+// Each row of a block of scores into its exponentials e^(s - max) in place, over the vectors
+// holding keys the row sees (the rest of the row zero), with the row's log-sum-exp into lse and
+// the reciprocal of its sum into inverse (the output rows are scaled by it, not the exponentials).
+void softmax_rows(float* s, int ld, int i0, int rows, int cols, int T, bool causal, float* lse, float* inverse) {
     for (int r = 0; r < rows; ++r) {
         float* row = s + r * ld;
-        const int n = keys_seen(i0 + r, T, causal);
-        for (int j = n; j < cols; ++j) row[j] = NEG_BIG;
+        const int n = keys_seen(i0 + r, T, causal), seen = round_up(n, W);
+        for (int j = n; j < seen; ++j) row[j] = NEG_BIG;
         vec m = splat(NEG_BIG);
-        for (int j = 0; j < cols; j += W) {
+        for (int j = 0; j < seen; j += W) {
             vec x = load(row + j);
             m = x > m ? x : m;
         }
         const float mx = reduce_max(m);
         vec sum = splat(0.0f);
-        for (int j = 0; j < cols; j += W) {
+        for (int j = 0; j < seen; j += W) {
             vec e = exp_nonpositive(load(row + j) - splat(mx));
             store(row + j, e);
             sum += e;
         }
+        for (int j = seen; j < cols; j += W) store(row + j, splat(0.0f));
         const float total = reduce_sum(sum);
-        const vec inverse = splat(1.0f / total);
-        for (int j = 0; j < cols; j += W) store(row + j, load(row + j) * inverse);
+        inverse[r] = 1.0f / total;
         lse[r] = mx + std::log(total);
     }
 }
@@ -223,7 +228,7 @@ void forward(const float* q, Strides sq, const float* k, Strides sk, const float
     const int Tp = round_up(T, 2 * W);
 #pragma omp parallel num_threads(threads)
     {
-        Scratch qs(BQ * D), kt(long(Tp) * D), s(long(Tp) * BQ);
+        Scratch qs(BQ * D), kt(long(Tp) * D), s(long(Tp) * BQ), inverse(BQ);
 #pragma omp for schedule(static)
         for (long bh = 0; bh < long(B) * H; ++bh) {
             const int b = bh / H, h = bh % H, g = h / (H / G);
@@ -236,8 +241,8 @@ void forward(const float* q, Strides sq, const float* k, Strides sk, const float
                 const int cols = round_up(keys_seen(i0 + rows - 1, T, causal), 2 * W);
                 copy_rows<D>(qh + i0 * sq.t, sq.t, rows, scale, qs.data);
                 rows_by_columns<D>(qs.data, rows, kt.data, Tp, cols, s.data, Tp);
-                softmax_rows(s.data, Tp, i0, rows, cols, T, causal, lse + bh * Q + i0);
-                rows_by_rows<D, false>(s.data, Tp, rows, std::min(cols, T), vh, sv.t, oh + i0 * so.t, so.t);
+                softmax_rows(s.data, Tp, i0, rows, cols, T, causal, lse + bh * Q + i0, inverse.data);
+                rows_by_rows<D>(s.data, Tp, rows, std::min(cols, T), vh, sv.t, oh + i0 * so.t, so.t, inverse.data);
             }
         }
     }
@@ -288,17 +293,21 @@ void backward(const float* q, Strides sq, const float* k, Strides sk, const floa
                         const int n = keys_seen(i0 + r, T, causal);
                         float* prow = p.data + r * Tp;
                         float* dprow = dp.data + r * Tp;
-                        for (int j = 0; j < cols; j += W) {
+                        const int seen = round_up(n, W);
+                        for (int j = 0; j < seen; j += W) {
                             vec pr = exp_nonpositive(load(prow + j) - row_lse);
                             if (j + W > n)
-                                for (int t = 0; t < W; ++t)
-                                    if (j + t >= n) pr[t] = 0.0f;
+                                for (int t = n - j; t < W; ++t) pr[t] = 0.0f;
                             store(prow + j, pr);
                             store(dprow + j, pr * (load(dprow + j) - row_delta) * splat(scale));
                         }
+                        for (int j = seen; j < cols; j += W) {
+                            store(prow + j, splat(0.0f));
+                            store(dprow + j, splat(0.0f));
+                        }
                     }
                     columns_by_rows<D>(p.data, Tp, rows, valid, ds.data, D, dv_acc.data);
-                    rows_by_rows<D, false>(dp.data, Tp, rows, valid, kg, sk.t, dqh + i0 * sdq.t, sdq.t);
+                    rows_by_rows<D>(dp.data, Tp, rows, valid, kg, sk.t, dqh + i0 * sdq.t, sdq.t);
                     columns_by_rows<D>(dp.data, Tp, rows, valid, qh + i0 * sq.t, sq.t, dk_acc.data);
                 }
             }
