@@ -19,6 +19,7 @@ gradient's values of ~300. Shapes: batch 32 × sequence 128, width 256, 4 heads 
     rotary_split_bf16  the same in bf16                      the same, cast to bf16
     linear_gelu_tanh   matmul, compiled bias + GELU          F.linear, F.gelu(approximate="tanh")
     linear_gelu_tanh_bf16   the same under bf16 autocast     the same under bf16 autocast
+    attention          causal, fp32: kernels/cpu_attention   F.scaled_dot_product_attention
     attention_bf16     causal, bf16: matmuls, fp32 softmax   F.scaled_dot_product_attention
 
     python benchmarks/cpu_kernels.py [--reps 20] [--threads N]
@@ -155,6 +156,13 @@ def cases():
 
         return heads
 
+    yield (
+        "attention",
+        attention(sdpa),
+        attention(F.scaled_dot_product_attention),
+        [leaf(B, T, 3 * H, D // H, generator=g)],
+        (torch.randn(B, H, T, D // H, generator=g),),
+    )
     yield (
         "attention_bf16",
         attention(sdpa),
