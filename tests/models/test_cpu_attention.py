@@ -45,7 +45,7 @@ def test_matches_sdpa_forward_and_backward(causal, B, H, G, Q, T, K, fused):
     torch.manual_seed(0)
     q, k, v = _qkv(B, H, G, Q, T, K, fused)
     grad = torch.randn(B, H, Q, K)
-    assert cpu_attention.applies(q, k, v, is_causal=True)
+    assert cpu_attention.applies(q, k, v)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=G != H)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
     out = cpu_attention.attention(q, k, v, causal)
@@ -74,24 +74,21 @@ def test_layers_sdpa_routes_unmasked_fp32_to_the_kernel(monkeypatch):
     layers.sdpa(q, k, v, is_causal=True)
     layers.sdpa(q, k, v)  # bidirectional stays with SDPA
     layers.sdpa(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool))  # so do masks
+    layers.sdpa(q, k, v, is_causal=True, dropout_p=0.1)  # and dropout
     layers.sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
     assert calls == [True]
 
 
 def test_applies_only_where_the_kernel_has_a_case():
     q, k, v = _qkv(1, 2, 2, 8, 8, 64, fused=False)
-    assert cpu_attention.applies(q, k, v, is_causal=True)
-    mask = torch.ones(8, 8, dtype=torch.bool)
-    assert not cpu_attention.applies(q, k, v, attn_mask=mask, is_causal=True)
-    assert not cpu_attention.applies(q, k, v, dropout_p=0.1, is_causal=True)
-    assert not cpu_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
-    assert not cpu_attention.applies(*_qkv(1, 2, 2, 8, 8, 16, fused=False), is_causal=True)  # no width 16
+    assert cpu_attention.applies(q, k, v)
+    assert not cpu_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not cpu_attention.applies(*_qkv(1, 2, 2, 8, 8, 16, fused=False))  # no width 16
     keys = cpu_attention.MAX_KEYS
-    assert cpu_attention.applies(*_qkv(1, 1, 1, 1, keys, 64, fused=False), is_causal=True)
-    assert not cpu_attention.applies(*_qkv(1, 1, 1, 1, keys + 1, 64, fused=False), is_causal=True)
-    assert cpu_attention.CAUSAL_ONLY and not cpu_attention.applies(q, k, v, is_causal=False)
+    assert cpu_attention.applies(*_qkv(1, 1, 1, 1, keys, 64, fused=False))
+    assert not cpu_attention.applies(*_qkv(1, 1, 1, 1, keys + 1, 64, fused=False))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cpu_attention.applies(q, k, v, is_causal=True)
+        assert not cpu_attention.applies(q, k, v)
 
 
 def test_failed_build_warns_once_and_sdpa_runs(monkeypatch, tmp_path):
@@ -102,7 +99,7 @@ def test_failed_build_warns_once_and_sdpa_runs(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="building the CPU attention kernel failed"):
         out = layers.sdpa(q, k, v, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    assert not cpu_attention.applies(q, k, v, is_causal=True)  # no second try, no second warning
+    assert not cpu_attention.applies(q, k, v)  # no second try, no second warning
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
 
 

@@ -17,6 +17,11 @@ processes building at once never load half a file. It runs on ``torch.get_num_th
 threads; where PyTorch ships its own ``libgomp.so.1`` (the Linux wheels), the library binds to
 that one, already loaded, and shares its threads. Where the build or the load fails, one warning
 is given and SDPA runs from then on; ``SCRATCHLM_CPU_ATTENTION=0`` turns the kernel off.
+
+The kernel computes bidirectional attention too (tested against SDPA), but the models take it for
+causal attention only (``models.layers.sdpa``): bidirectional, it is ~11% faster than SDPA alone
+at 128 keys and even from 256, and whole bert and modernbert training steps came out even
+(paired steps in one process: 0.994 and 1.007), where gpt2 and llama steps gain 2.5-2.8%.
 """
 
 import ctypes
@@ -41,36 +46,19 @@ queries on. Causal forward and backward of 4096 tokens in heads of 64 from a fus
 two cores, ours against SDPA: 128 keys 13.0-13.5 ms against 18.3-20.5, 256: 14.4-18.9 against
 28.3-30.1, 512: 26.8-27.1 against 39.0-47.4, 1024: 48.7-57.3 against 55.4-65.2 (even)."""
 
-CAUSAL_ONLY = True
-"""The kernel computes bidirectional attention too (tested against SDPA), but it is taken for
-causal attention only: bidirectional, it is ~11% faster than SDPA alone at 128 keys and even from
-256, and whole bert and modernbert training steps came out even (paired steps in one process:
-0.994 and 1.007), where causal gpt2 and llama steps gain 2.5-2.8%."""
-
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 
 _state: dict = {"library": None, "failed": os.environ.get("SCRATCHLM_CPU_ATTENTION", "1") == "0"}
 
 
-def applies(
-    q_BHQK: torch.Tensor,
-    k_BGTK: torch.Tensor,
-    v_BGTK: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-) -> bool:
+def applies(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor) -> bool:
     """Whether :func:`attention` takes these inputs: fp32 on the CPU, eagerly and outside autocast
-    (where SDPA would compute in bf16), no mask, no dropout,
-    causal (``CAUSAL_ONLY``), a head width of ``WIDTHS``, at most ``MAX_KEYS`` keys, unit stride along the head width, and
-    the library built (building it here the first time)."""
+    (where SDPA would compute in bf16), a head width of ``WIDTHS``, at most ``MAX_KEYS`` keys,
+    unit stride along the head width, and the library built (building it here the first time)."""
     G, T, K = k_BGTK.shape[1:]
     return (
         not _state["failed"]
-        and attn_mask is None
-        and dropout_p == 0.0
         and K in WIDTHS
-        and (is_causal or not CAUSAL_ONLY)
         and T <= MAX_KEYS
         and q_BHQK.shape[1] % G == 0
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q_BHQK, k_BGTK, v_BGTK))

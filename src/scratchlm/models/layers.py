@@ -243,9 +243,10 @@ def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwa
     fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
         return F.scaled_dot_product_attention(q_BHQK, k_BGTK, v_BGTK, **kwargs)
-    mask, dropout_p, causal = kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False)
-    if cpu_attention.applies(q_BHQK, k_BGTK, v_BGTK, mask, dropout_p, causal):
-        return cpu_attention.attention(q_BHQK, k_BGTK, v_BGTK, causal, kwargs.get("scale"))
+    mask, dropout_p = kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0)
+    plain_causal = kwargs.get("is_causal", False) and mask is None and dropout_p == 0.0
+    if plain_causal and cpu_attention.applies(q_BHQK, k_BGTK, v_BGTK):
+        return cpu_attention.attention(q_BHQK, k_BGTK, v_BGTK, True, kwargs.get("scale"))
     dtypes = {q_BHQK.dtype, k_BGTK.dtype, v_BGTK.dtype}
     queries = q_BHQK.shape[-2]
     short_bf16 = dtypes == {torch.bfloat16} and queries <= CPU_BF16_MATMUL_MAX_QUERIES
