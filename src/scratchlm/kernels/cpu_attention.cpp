@@ -13,8 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -29,7 +27,8 @@ inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x,
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
-// e^x for x <= 0 (scores minus their row's maximum), within 2 ulp; below -87 it returns 0.
+// e^x for x <= 0 (scores minus their row's maximum): range reduction by ln 2 in two parts, then
+// Cephes's degree-6 polynomial for expf; below -87 it returns 0.
 inline vec exp_nonpositive(vec x) {
     const vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     vec t = x * splat(1.44269504088896341f) + magic;
@@ -260,7 +259,8 @@ void backward(const float* q, Strides sq, const float* k, Strides sk, const floa
     const int keys = keys_seen(Q - 1, T, causal);
 #pragma omp parallel num_threads(threads)
     {
-        Scratch qs(BQ * D), ds(BQ * D), kt(long(Tp) * D), vt(long(Tp) * D), p(long(Tp) * BQ), dp(long(Tp) * BQ);
+        Scratch qs(BQ * D), dout_rows(BQ * D), kt(long(Tp) * D), vt(long(Tp) * D);
+        Scratch p(long(Tp) * BQ), dp(long(Tp) * BQ);
         Scratch dk_acc(long(Tp) * D), dv_acc(long(Tp) * D), delta(BQ);
 #pragma omp for schedule(static)
         for (long bg = 0; bg < long(B) * G; ++bg) {
@@ -282,13 +282,13 @@ void backward(const float* q, Strides sq, const float* k, Strides sk, const floa
                     const int cols = round_up(keys_seen(i0 + rows - 1, T, causal), 2 * W);
                     const int valid = std::min(cols, T);
                     copy_rows<D>(qh + i0 * sq.t, sq.t, rows, scale, qs.data);
-                    copy_rows<D>(dh + i0 * sd.t, sd.t, rows, 1.0f, ds.data);
+                    copy_rows<D>(dh + i0 * sd.t, sd.t, rows, 1.0f, dout_rows.data);
                     rows_by_columns<D>(qs.data, rows, kt.data, Tp, cols, p.data, Tp);
-                    rows_by_columns<D>(ds.data, rows, vt.data, Tp, cols, dp.data, Tp);
+                    rows_by_columns<D>(dout_rows.data, rows, vt.data, Tp, cols, dp.data, Tp);
                     for (int r = 0; r < rows; ++r) {
                         const float* orow = oh + (i0 + r) * so.t;
                         vec acc = splat(0.0f);
-                        for (int c = 0; c < D; c += W) acc += load(orow + c) * load(ds.data + r * D + c);
+                        for (int c = 0; c < D; c += W) acc += load(orow + c) * load(dout_rows.data + r * D + c);
                         const vec row_delta = splat(reduce_sum(acc)), row_lse = splat(lh[i0 + r]);
                         const int n = keys_seen(i0 + r, T, causal);
                         float* prow = p.data + r * Tp;
@@ -306,7 +306,7 @@ void backward(const float* q, Strides sq, const float* k, Strides sk, const floa
                             store(dprow + j, splat(0.0f));
                         }
                     }
-                    columns_by_rows<D>(p.data, Tp, rows, valid, ds.data, D, dv_acc.data);
+                    columns_by_rows<D>(p.data, Tp, rows, valid, dout_rows.data, D, dv_acc.data);
                     rows_by_rows<D>(dp.data, Tp, rows, valid, kg, sk.t, dqh + i0 * sdq.t, sdq.t);
                     columns_by_rows<D>(dp.data, Tp, rows, valid, qh + i0 * sq.t, sq.t, dk_acc.data);
                 }

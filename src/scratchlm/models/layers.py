@@ -236,9 +236,9 @@ forward and backward of 32×4 heads of width 64 at 128 queries; even at 192)."""
 def sdpa(q_BHQK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` (same arguments, same result dtype), with CPU routes
     for what PyTorch's fused CPU kernel does slowly or not at all: causal fp32 without a mask or
-    dropout over short sequences runs :mod:`scratchlm.kernels.cpu_attention` (where it applies); bf16 over
-    up to ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused kernel has
-    none, and its unfused fallback is slower), run :func:`matmul_attention` when not under
+    dropout runs :mod:`scratchlm.kernels.cpu_attention` where that applies (short sequences);
+    bf16 over up to ``CPU_BF16_MATMUL_MAX_QUERIES`` queries, and fp32 with dropout (the fused
+    kernel has none, and its unfused fallback is slower), run :func:`matmul_attention` when not under
     ``torch.compile``; compiled, bf16 with fewer than ``CPU_BF16_MIN_QUERIES`` queries computes in
     fp32 (autocast, which would cast the inputs back to bf16, is off for that call)."""
     if q_BHQK.device.type != "cpu":
