@@ -66,7 +66,7 @@ def test_scale_is_applied():
 
 
 @needs_compiler
-def test_layers_sdpa_routes_unmasked_fp32_to_the_kernel(monkeypatch):
+def test_layers_sdpa_routes_plain_causal_fp32_to_the_kernel(monkeypatch):
     calls = []
     real = cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
@@ -79,6 +79,7 @@ def test_layers_sdpa_routes_unmasked_fp32_to_the_kernel(monkeypatch):
     assert calls == [True]
 
 
+@needs_compiler
 def test_applies_only_where_the_kernel_has_a_case():
     q, k, v = _qkv(1, 2, 2, 8, 8, 64, fused=False)
     assert cpu_attention.applies(q, k, v)
@@ -92,15 +93,19 @@ def test_applies_only_where_the_kernel_has_a_case():
 
 
 def test_failed_build_warns_once_and_sdpa_runs(monkeypatch, tmp_path):
-    monkeypatch.setenv("SCRATCHLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", shutil.which("false") or "false")
+    compiler = tmp_path / "c++"  # answers --version, then fails to compile
+    compiler.write_text('#!/bin/sh\n[ "$1" = --version ] && echo broken 1.0 && exit 0\necho "error: no" >&2\nexit 1\n')
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SCRATCHLM_CACHE_DIR", str(cache))
+    monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setattr(cpu_attention, "_state", {"library": None, "failed": False})
     q, k, v = _qkv(2, 2, 2, 16, 16, 32, fused=False)
-    with pytest.warns(UserWarning, match="building the CPU attention kernel failed"):
+    with pytest.warns(UserWarning, match="building the CPU attention kernel failed.*error: no"):
         out = layers.sdpa(q, k, v, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert not cpu_attention.applies(q, k, v)  # no second try, no second warning
-    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+    assert list(cache.iterdir()) == []  # nothing half-built left behind
 
 
 @needs_compiler
